@@ -1,0 +1,47 @@
+"""celery-tx: distributed transactions (sagas) for Celery, journaled in SQL.
+
+The whole public API is importable from here.
+"""
+
+from celery_tx.coordinator import TransactionCoordinator
+from celery_tx.core.errors import (
+    CeleryTxError,
+    DuplicateParticipant,
+    InvalidArgument,
+    InvalidParticipant,
+    InvalidTransactionId,
+    JournalConflict,
+    JournalUnavailable,
+    ParticipantNotResolvable,
+    SchemaVersionError,
+    TransactionNotFound,
+    TransactionStateError,
+)
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.retry import RetryPolicy
+from celery_tx.core.status import StepStatus, TxStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # the coordinator
+    "TransactionCoordinator",
+    # snapshots and statuses
+    "Outcome",
+    "StepOutcome",
+    "TxStatus",
+    "StepStatus",
+    "RetryPolicy",
+    # errors
+    "CeleryTxError",
+    "InvalidTransactionId",
+    "TransactionNotFound",
+    "DuplicateParticipant",
+    "TransactionStateError",
+    "InvalidArgument",
+    "InvalidParticipant",
+    "ParticipantNotResolvable",
+    "JournalConflict",
+    "JournalUnavailable",
+    "SchemaVersionError",
+]

@@ -1,0 +1,61 @@
+"""The exceptions celery-tx raises: one flat tree under ``CeleryTxError``."""
+
+from __future__ import annotations
+
+
+class CeleryTxError(Exception):
+    """Raised for every error celery-tx itself reports; the base of all others."""
+
+
+class InvalidTransactionId(CeleryTxError, ValueError):
+    """Raised when a transaction id is neither a UUID nor a UUID's string form."""
+
+
+class TransactionNotFound(CeleryTxError, LookupError):
+    """Raised when no transaction with the given id is in the journal."""
+
+
+class DuplicateParticipant(CeleryTxError, ValueError):
+    """Raised when a service name is registered twice in one transaction."""
+
+
+class InvalidArgument(CeleryTxError, ValueError):
+    """Raised when an argument has the wrong value (a negative timeout, an empty name)."""
+
+
+class InvalidParticipant(CeleryTxError, TypeError):
+    """Raised when a commit or rollback function is not something celery-tx can run."""
+
+
+class ParticipantNotResolvable(CeleryTxError, LookupError):
+    """Raised when a journaled participant cannot be found in this process.
+
+    An in-process participant registered as a lambda or closure lives only in the
+    process that registered it; another process can run it only if it is an
+    importable function.
+    """
+
+
+class TransactionStateError(CeleryTxError):
+    """Raised when a call does not fit the transaction's current status."""
+
+    def __init__(self, message: str, *, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The transaction's status when the call was refused."""
+
+
+class JournalConflict(CeleryTxError):
+    """Raised when a journal write lost a compare-and-set race.
+
+    The caller re-reads the transaction and decides again; it never surfaces from
+    the public API except as the error the re-read decision produces.
+    """
+
+
+class JournalUnavailable(CeleryTxError):
+    """Raised when the journal database cannot be reached or refuses a statement."""
+
+
+class SchemaVersionError(CeleryTxError):
+    """Raised when the journal was created by a newer celery-tx than this one."""

@@ -1,0 +1,228 @@
+"""The legal lifecycles, and the functions that move a snapshot along them.
+
+Every function takes an ``Outcome`` and returns a new one (or raises
+``TransactionStateError``); none of them touches the journal. Drivers apply one
+or more of them, then ask the store to write the difference with compare-and-set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from celery_tx.core.errors import DuplicateParticipant, TransactionStateError
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.status import StepStatus as S
+from celery_tx.core.status import TxStatus as T
+
+TX_TRANSITIONS: Mapping[T, frozenset[T]] = {
+    T.PENDING: frozenset({T.RUNNING, T.ROLLED_BACK}),
+    T.RUNNING: frozenset({T.COMMITTED, T.COMPENSATING}),
+    T.COMMITTED: frozenset(),
+    T.COMPENSATING: frozenset({T.ROLLED_BACK, T.FAILED}),
+    T.ROLLED_BACK: frozenset(),
+    # An operator may retry the compensations of a FAILED transaction.
+    T.FAILED: frozenset({T.COMPENSATING}),
+}
+"""Which transaction status may follow which."""
+
+STEP_TRANSITIONS: Mapping[S, frozenset[S]] = {
+    S.PENDING: frozenset({S.RUNNING, S.SKIPPED}),
+    # RUNNING -> RUNNING is a retried or redelivered action.
+    S.RUNNING: frozenset({S.RUNNING, S.DONE, S.FAILED, S.COMPENSATING}),
+    S.DONE: frozenset({S.COMPENSATING}),
+    S.FAILED: frozenset({S.COMPENSATING}),
+    # COMPENSATING -> COMPENSATING is a retried or redelivered compensation.
+    S.COMPENSATING: frozenset({S.COMPENSATING, S.COMPENSATED, S.COMPENSATION_FAILED}),
+    S.COMPENSATED: frozenset(),
+    S.COMPENSATION_FAILED: frozenset({S.COMPENSATING}),
+    S.SKIPPED: frozenset(),
+}
+"""Which step status may follow which."""
+
+
+def _move(tx: Outcome, target: T, **changes: Any) -> Outcome:
+    if target not in TX_TRANSITIONS[tx.status]:
+        raise TransactionStateError(
+            f"transaction {tx.id} is {tx.status}, it cannot become {target}", status=tx.status
+        )
+    return replace(tx, status=target, **changes)
+
+
+def _move_step(tx: Outcome, position: int, target: S, **changes: Any) -> Outcome:
+    step = tx.steps[position]
+    if target not in STEP_TRANSITIONS[step.status]:
+        raise TransactionStateError(
+            f"step {step.name!r} of transaction {tx.id} is {step.status}, "
+            f"it cannot become {target}",
+            status=tx.status,
+        )
+    steps = list(tx.steps)
+    steps[position] = replace(step, status=target, **changes)
+    return replace(tx, steps=tuple(steps))
+
+
+# -- registering -------------------------------------------------------------
+
+
+def require_pending(tx: Outcome, action: str) -> None:
+    """Refuse ``action`` ("register", "commit") unless the transaction is PENDING."""
+    if tx.status is T.PENDING:
+        return
+    if tx.status is T.RUNNING or tx.status is T.COMPENSATING:
+        why = "its commit already started"
+    else:
+        why = "it already ended"
+    raise TransactionStateError(
+        f"cannot {action} transaction {tx.id}: it is {tx.status} ({why})", status=tx.status
+    )
+
+
+def add_step(tx: Outcome, step: StepOutcome) -> Outcome:
+    """Append a registered participant to a PENDING transaction."""
+    require_pending(tx, "register a participant in")
+    if any(existing.name == step.name for existing in tx.steps):
+        raise DuplicateParticipant(
+            f"transaction {tx.id} already has a participant named {step.name!r}"
+        )
+    return replace(tx, steps=(*tx.steps, replace(step, position=len(tx.steps))))
+
+
+# -- running forward ---------------------------------------------------------
+
+
+def start_commit(tx: Outcome, now: datetime) -> Outcome:
+    """PENDING -> RUNNING (or straight to COMMITTED when there is nothing to run)."""
+    require_pending(tx, "commit")
+    tx = _move(tx, T.RUNNING, started_at=now)
+    if not tx.steps:
+        return _move(tx, T.COMMITTED, finished_at=now)
+    return tx
+
+
+def start_action(tx: Outcome, position: int, now: datetime) -> Outcome:
+    """Mark a step's action as started (again, on a retry or redelivery)."""
+    _require(tx, T.RUNNING, "start an action")
+    step = tx.steps[position]
+    return _move_step(tx, position, S.RUNNING, attempts=step.attempts + 1, started_at=now)
+
+
+def finish_action(tx: Outcome, position: int, result: Any, now: datetime) -> Outcome:
+    """Mark a step's action as returned; the last one commits the transaction."""
+    _require(tx, T.RUNNING, "finish an action")
+    tx = _move_step(tx, position, S.DONE, result=result, finished_at=now)
+    if all(step.status is S.DONE for step in tx.steps):
+        return _move(tx, T.COMMITTED, finished_at=now)
+    return tx
+
+
+def fail_action(tx: Outcome, position: int, error: str, now: datetime) -> Outcome:
+    """Mark a step's action as failed and turn the transaction to compensating."""
+    _require(tx, T.RUNNING, "fail an action")
+    tx = _move_step(tx, position, S.FAILED, error=error, finished_at=now)
+    failed = tx.steps[position].name
+    return begin_compensation(tx, now, failed_step=failed, error=error)
+
+
+# -- rolling back --------------------------------------------------------------
+
+
+def begin_compensation(
+    tx: Outcome, now: datetime, *, failed_step: str | None, error: str | None
+) -> Outcome:
+    """RUNNING (or FAILED, on an operator retry) -> COMPENSATING.
+
+    Steps that never started are SKIPPED now: there is nothing of theirs to undo.
+    """
+    tx = _move(tx, T.COMPENSATING, failed_step=failed_step, error=error, finished_at=None)
+    for step in tx.steps:
+        if step.status is S.PENDING:
+            tx = _move_step(tx, step.position, S.SKIPPED)
+    return tx
+
+
+def rollback_pending(tx: Outcome, now: datetime) -> Outcome:
+    """PENDING -> ROLLED_BACK with every step SKIPPED: nothing ran, nothing to undo."""
+    require_pending(tx, "roll back")
+    for step in tx.steps:
+        tx = _move_step(tx, step.position, S.SKIPPED)
+    return _move(tx, T.ROLLED_BACK, finished_at=now)
+
+
+def steps_to_compensate(tx: Outcome) -> list[int]:
+    """Positions of the steps still to compensate, newest first.
+
+    Every step that started is compensated: DONE, FAILED, RUNNING (outcome
+    unknown) and those whose compensation started or failed before.
+    """
+    pending = (S.RUNNING, S.DONE, S.FAILED, S.COMPENSATING)
+    return [step.position for step in reversed(tx.steps) if step.status in pending]
+
+
+def start_compensation(tx: Outcome, position: int, now: datetime) -> Outcome:
+    """Mark a step's compensation as started (again, on a retry)."""
+    _require(tx, T.COMPENSATING, "start a compensation")
+    step = tx.steps[position]
+    first_start = step.compensation_started_at or now
+    return _move_step(
+        tx,
+        position,
+        S.COMPENSATING,
+        compensation_attempts=step.compensation_attempts + 1,
+        compensation_started_at=first_start,
+    )
+
+
+def finish_compensation(tx: Outcome, position: int, now: datetime) -> Outcome:
+    """Mark a step as compensated; the last compensation ends the transaction."""
+    _require(tx, T.COMPENSATING, "finish a compensation")
+    tx = _move_step(tx, position, S.COMPENSATED, compensation_finished_at=now)
+    return _finish_rollback_if_done(tx, now)
+
+
+def fail_compensation(tx: Outcome, position: int, error: str, now: datetime) -> Outcome:
+    """Record that a compensation gave up; the others still run."""
+    _require(tx, T.COMPENSATING, "fail a compensation")
+    tx = _move_step(
+        tx, position, S.COMPENSATION_FAILED, compensation_error=error, compensation_finished_at=now
+    )
+    return _finish_rollback_if_done(tx, now)
+
+
+def _finish_rollback_if_done(tx: Outcome, now: datetime) -> Outcome:
+    if steps_to_compensate(tx):
+        return tx
+    failed = [step for step in reversed(tx.steps) if step.status is S.COMPENSATION_FAILED]
+    if not failed:
+        return _move(tx, T.ROLLED_BACK, finished_at=now)
+    # Never a silent "rolled back" while an effect may have stayed applied.
+    first = failed[0]
+    return _move(
+        tx,
+        T.FAILED,
+        finished_at=now,
+        failed_step=first.name,
+        error=f"compensation of {first.name!r} failed: {first.compensation_error}",
+    )
+
+
+def retry_failed(tx: Outcome, now: datetime) -> Outcome:
+    """FAILED -> COMPENSATING, with every failed compensation due again."""
+    if tx.status is not T.FAILED:
+        raise TransactionStateError(
+            f"only a FAILED transaction can be retried; {tx.id} is {tx.status}", status=tx.status
+        )
+    tx = _move(tx, T.COMPENSATING, finished_at=None)
+    for step in tx.steps:
+        if step.status is S.COMPENSATION_FAILED:
+            tx = _move_step(tx, step.position, S.COMPENSATING)
+    return tx
+
+
+def _require(tx: Outcome, status: T, action: str) -> None:
+    if tx.status is not status:
+        raise TransactionStateError(
+            f"cannot {action} of transaction {tx.id}: it is {tx.status}", status=tx.status
+        )

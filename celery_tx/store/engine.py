@@ -1,0 +1,105 @@
+"""Engines for the journal: URL defaults, SQLite and PostgreSQL settings.
+
+Durability is chosen per write transaction (see ``celery_tx.store.journal``):
+- SQLite runs in WAL mode. A write is committed with ``synchronous=NORMAL`` (no
+  fsync: it survives the crash of any process, not a power loss) unless it is
+  durable, in which case ``synchronous=FULL`` is set *before* ``BEGIN`` (set
+  inside the transaction, SQLite ignores it for that commit, measured with
+  strace). Writers take the lock at ``BEGIN IMMEDIATE`` so two writers never
+  deadlock upgrading a read lock.
+- PostgreSQL connections default to ``synchronous_commit=off`` (the server has
+  the commit, the WAL flush is deferred); a durable write says
+  ``SET LOCAL synchronous_commit = on``, and its flush covers every earlier
+  commit too, because the WAL is flushed in order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+from celery_tx.core.errors import InvalidArgument
+
+DEFAULT_DATABASE_URL = "sqlite:///celery_tx.sqlite3"
+"""The journal when nothing is configured: a SQLite file in the working directory."""
+
+DATABASE_URL_ENV = "CELERY_TX_DATABASE_URL"
+"""The environment variable read when no URL is given."""
+
+WRITE = "celery_tx_write"
+DURABLE = "celery_tx_durable"
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def resolve_database_url(database_url: str | URL | None) -> URL:
+    """The URL to use: the argument, else the environment variable, else the default."""
+    raw = database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
+    try:
+        url = make_url(raw)
+    except sa.exc.ArgumentError as exc:
+        raise InvalidArgument(f"not a database URL: {raw!r}") from exc
+    if url.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; celery-tx ships psycopg 3.
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for an in-memory SQLite database, which lives in a single connection."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def create_journal_engine(url: URL) -> Engine:
+    """An engine configured for the journal's write pattern on ``url``'s database."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url)
+    if backend == "postgresql":
+        connect_args = {"options": "-c synchronous_commit=off"}
+        return sa.create_engine(url, connect_args=connect_args)
+    return sa.create_engine(url)
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    memory = is_memory_sqlite(url)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if memory:
+        kwargs["poolclass"] = StaticPool  # one shared connection holds the data
+    engine = sa.create_engine(url, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Leave BEGIN to the "begin" hook below (pysqlite's own is deferred only).
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        if not memory:
+            dbapi_connection.execute("PRAGMA journal_mode = WAL")
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Straight to the driver: these run on every journal write, and SQLAlchemy's
+        # execute path would cost more than the statements themselves.
+        options = conn.get_execution_options()
+        dbapi_connection = conn.connection.dbapi_connection
+        assert dbapi_connection is not None
+        if not options.get(WRITE):
+            dbapi_connection.execute("BEGIN")
+            return
+        synchronous = "FULL" if options.get(DURABLE) else "NORMAL"
+        if conn.connection.info.get("synchronous") != synchronous:
+            dbapi_connection.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.connection.info["synchronous"] = synchronous
+        dbapi_connection.execute("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_durable(conn: Connection) -> None:
+    """Inside a PostgreSQL write: flush this commit (and all before it) to disk."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = on")

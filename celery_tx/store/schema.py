@@ -1,0 +1,120 @@
+"""The journal's tables, and the schema version that lets later releases migrate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+from celery_tx.core.errors import SchemaVersionError
+
+SCHEMA_VERSION = 1
+"""The version of the tables below; bump it and add a migration to change them."""
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+"""``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
+
+# An arbitrary constant: the PostgreSQL advisory lock that serializes schema setup.
+_SCHEMA_LOCK_KEY = 0x63656C7478
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores naive UTC)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+metadata = sa.MetaData()
+
+transactions = sa.Table(
+    "celery_tx_transactions",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("driver", sa.String(16), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("failed_step", sa.String(200)),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("deadline_at", UTCDateTime),
+    sa.Index("ix_celery_tx_transactions_status", "status", "created_at"),
+    sa.Index("ix_celery_tx_transactions_created", "created_at"),
+)
+
+steps = sa.Table(
+    "celery_tx_steps",
+    metadata,
+    sa.Column(
+        "tx_id",
+        sa.Uuid,
+        sa.ForeignKey("celery_tx_transactions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("action", sa.JSON, nullable=False),
+    sa.Column("compensation", sa.JSON, nullable=False),
+    sa.Column("retry", sa.JSON),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("compensation_attempts", sa.Integer, nullable=False),
+    sa.Column("result", sa.JSON(none_as_null=True)),
+    sa.Column("error", sa.Text),
+    sa.Column("compensation_error", sa.Text),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("compensation_started_at", UTCDateTime),
+    sa.Column("compensation_finished_at", UTCDateTime),
+    sa.UniqueConstraint("tx_id", "name", name="uq_celery_tx_steps_name"),
+)
+
+schema_version = sa.Table(
+    "celery_tx_schema",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+
+def ensure_schema(conn: Connection) -> None:
+    """Create the tables if missing and migrate them to ``SCHEMA_VERSION``.
+
+    Runs inside the caller's write transaction; on PostgreSQL an advisory lock
+    keeps processes that start together from creating the tables twice (SQLite
+    already serializes writers).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+    metadata.create_all(conn, checkfirst=True)
+    found = conn.execute(sa.select(schema_version.c.version)).scalar_one_or_none()
+    if found is None:
+        conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+        return
+    if found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the journal has schema version {found}, newer than this celery-tx "
+            f"understands ({SCHEMA_VERSION}); upgrade celery-tx"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        MIGRATIONS[version](conn)
+    if found != SCHEMA_VERSION:
+        conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
