@@ -1,0 +1,78 @@
+"""Fixtures shared by the suite.
+
+Servers: tests that need PostgreSQL use a database created for this test session
+(``celery_tx_test_<pid>``) and dropped afterwards. When the server is unreachable
+the test is skipped locally and fails when ``CI=true``, so CI never passes by
+skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from celery_tx import RetryPolicy, TransactionCoordinator
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("CELERY_TX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+# Tests wait for nothing: a compensation is retried without delay.
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.0)
+
+
+def server_missing(what: str, error: Exception) -> None:
+    """Skip locally, fail in CI: a missing server must never make CI green."""
+    message = f"{what} is not reachable: {error}"
+    if CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"celery_tx_test_{os.getpid()}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        server_missing("PostgreSQL", exc)
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def truncate_journal(url: str) -> None:
+    """Empty the journal's tables (the schema version too), so each test starts clean."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        tables = sa.inspect(conn).get_table_names()
+        if "celery_tx_transactions" in tables:
+            conn.exec_driver_sql("TRUNCATE celery_tx_steps, celery_tx_transactions, celery_tx_schema")
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A clean journal database: a SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'journal.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    truncate_journal(url)
+    return url
+
+
+@pytest.fixture
+def coordinator(database_url: str) -> Iterator[TransactionCoordinator]:
+    """A coordinator on a clean journal, retrying compensations without delay."""
+    with TransactionCoordinator(database_url, rollback_retry=FAST_RETRY) as coordinator:
+        yield coordinator
