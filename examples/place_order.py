@@ -32,23 +32,33 @@ class Shop:
     reservations: dict[str, str] = field(default_factory=dict)
     emails: list[str] = field(default_factory=list)
 
-    def place(self, coordinator: TransactionCoordinator, order_id: str, customer: str,
-              sku: str, price: int) -> TxStatus:
+    def place(
+        self,
+        coordinator: TransactionCoordinator,
+        order_id: str,
+        customer: str,
+        sku: str,
+        price: int,
+    ) -> TxStatus:
         tx_id = coordinator.begin_transaction(name="place_order", timeout=60)
         coordinator.register_participant(
-            tx_id, "order",
+            tx_id,
+            "order",
             lambda: self.orders.__setitem__(order_id, "PENDING"),
             lambda: self.orders.__setitem__(order_id, "CANCELLED"),
         )
         coordinator.register_participant(
-            tx_id, "payment",
-            lambda: self.charge(order_id, customer, price), lambda: self.refund(order_id, customer),
+            tx_id,
+            "payment",
+            lambda: self.charge(order_id, customer, price),
+            lambda: self.refund(order_id, customer),
         )
         coordinator.register_participant(
             tx_id, "inventory", lambda: self.reserve(order_id, sku), lambda: self.release(order_id)
         )
         coordinator.register_participant(
-            tx_id, "notification",
+            tx_id,
+            "notification",
             lambda: self.emails.append(f"{customer}: order {order_id} confirmed"),
             lambda: None,  # the last step: nothing after it can fail
         )
@@ -87,17 +97,28 @@ def main() -> int:
     money, items = sum(shop.balances.values()), sum(shop.stock.values())
     with TransactionCoordinator() as coordinator:  # the embedded default: celery_tx.sqlite3
         print(f"journal: {coordinator.database_url}\n")
-        plan = [("o1", "ada", "book", 1200), ("o2", "bob", "book", 1200),
-                ("o3", "ada", "lamp", 900), ("o4", "ada", "lamp", 900), ("o5", "ada", "book", 1200)]
+        plan = [
+            ("o1", "ada", "book", 1200),
+            ("o2", "bob", "book", 1200),
+            ("o3", "ada", "lamp", 900),
+            ("o4", "ada", "lamp", 900),
+            ("o5", "ada", "book", 1200),
+        ]
         statuses = [shop.place(coordinator, *order) for order in plan]
     confirmed = [o for o, s in shop.orders.items() if s == "CONFIRMED"]
     spent = sum(price for order_id, _, _, price in plan if order_id in confirmed)
-    print(f"\ncommitted {statuses.count(TxStatus.COMMITTED)}, "
-          f"rolled back {statuses.count(TxStatus.ROLLED_BACK)}, failed {statuses.count(TxStatus.FAILED)}")
+    print(
+        f"\ncommitted {statuses.count(TxStatus.COMMITTED)}, "
+        f"rolled back {statuses.count(TxStatus.ROLLED_BACK)}, "
+        f"failed {statuses.count(TxStatus.FAILED)}"
+    )
     money_ok = sum(shop.balances.values()) + spent == money
     stock_ok = sum(shop.stock.values()) + len(confirmed) == items
     emails_ok = len(shop.emails) == len(confirmed)
-    print(f"money conserved: {money_ok}; stock conserved: {stock_ok}; one email per order: {emails_ok}")
+    print(
+        f"money conserved: {money_ok}; stock conserved: {stock_ok}; "
+        f"one email per order: {emails_ok}"
+    )
     return 0 if money_ok and stock_ok and emails_ok else 1
 
 

@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from celery_tx import RetryPolicy, TransactionCoordinator
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-PG_ADMIN_URL = os.environ.get("CELERY_TX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "CELERY_TX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 # Tests wait for nothing: a compensation is retried without delay.
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.0)
@@ -57,7 +59,9 @@ def truncate_journal(url: str) -> None:
     with engine.begin() as conn:
         tables = sa.inspect(conn).get_table_names()
         if "celery_tx_transactions" in tables:
-            conn.exec_driver_sql("TRUNCATE celery_tx_steps, celery_tx_transactions, celery_tx_schema")
+            conn.exec_driver_sql(
+                "TRUNCATE celery_tx_steps, celery_tx_transactions, celery_tx_schema"
+            )
     engine.dispose()
 
 

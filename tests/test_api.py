@@ -21,10 +21,23 @@ from celery_tx import (
 )
 
 PUBLIC = {
-    "TransactionCoordinator", "Outcome", "StepOutcome", "TxStatus", "StepStatus", "RetryPolicy",
-    "CeleryTxError", "InvalidTransactionId", "TransactionNotFound", "DuplicateParticipant",
-    "TransactionStateError", "InvalidArgument", "InvalidParticipant", "ParticipantNotResolvable",
-    "JournalConflict", "JournalUnavailable", "SchemaVersionError",
+    "TransactionCoordinator",
+    "Outcome",
+    "StepOutcome",
+    "TxStatus",
+    "StepStatus",
+    "RetryPolicy",
+    "CeleryTxError",
+    "InvalidTransactionId",
+    "TransactionNotFound",
+    "DuplicateParticipant",
+    "TransactionStateError",
+    "InvalidArgument",
+    "InvalidParticipant",
+    "ParticipantNotResolvable",
+    "JournalConflict",
+    "JournalUnavailable",
+    "SchemaVersionError",
 }
 
 
@@ -59,9 +72,18 @@ def test_errors_form_one_tree_with_the_builtin_bases() -> None:
 
 def test_outcome_is_a_frozen_snapshot() -> None:
     """An Outcome cannot be changed after it is returned."""
-    outcome = Outcome(id=uuid.uuid4(), name=None, status=TxStatus.PENDING, created_at=datetime.now(UTC))
+    outcome = Outcome(
+        id=uuid.uuid4(), name=None, status=TxStatus.PENDING, created_at=datetime.now(UTC)
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         outcome.status = TxStatus.COMMITTED  # type: ignore[misc]
-    assert {"id", "name", "status", "steps", "failed_step", "error", "created_at", "finished_at"} <= {
-        f.name for f in dataclasses.fields(Outcome)
-    }
+    assert {
+        "id",
+        "name",
+        "status",
+        "steps",
+        "failed_step",
+        "error",
+        "created_at",
+        "finished_at",
+    } <= {f.name for f in dataclasses.fields(Outcome)}

@@ -50,7 +50,11 @@ def _one_transaction(coordinator: TransactionCoordinator, rng: random.Random) ->
         return
     started = names[: fail_at + 1]
     assert recorder.of("commit") == started
-    undone = [n for n in reversed(started) for _ in range(FAST_RETRY.max_attempts if n == f"s{stuck}" else 1)]
+    undone = [
+        n
+        for n in reversed(started)
+        for _ in range(FAST_RETRY.max_attempts if n == f"s{stuck}" else 1)
+    ]
     assert recorder.of("rollback") == undone
     stuck_started = stuck is not None and stuck <= fail_at
     assert outcome.status is (TxStatus.FAILED if stuck_started else TxStatus.ROLLED_BACK)
@@ -65,7 +69,7 @@ def _one_transaction(coordinator: TransactionCoordinator, rng: random.Random) ->
 
 @pytest.mark.slow
 def test_sixteen_threads_of_random_transactions(coordinator: TransactionCoordinator) -> None:
-    """16 threads x 200 transactions with random failures: all final, calls exactly as the rules say."""
+    """16 threads x 200 random transactions: all final, calls exactly as the rules say."""
 
     def worker(seed: int) -> int:
         rng = random.Random(seed)
@@ -141,15 +145,17 @@ with TransactionCoordinator(url) as coordinator:
 
 
 @pytest.mark.slow
-def test_two_processes_racing_to_commit(coordinator: TransactionCoordinator, database_url: str,
-                                        tmp_path: Path) -> None:
+def test_two_processes_racing_to_commit(
+    coordinator: TransactionCoordinator, database_url: str, tmp_path: Path
+) -> None:
     """Two processes committing the same transaction at once: exactly one wins, effects once."""
     for round_ in range(5):
         log = tmp_path / f"effects-{round_}.log"
         tx_id = coordinator.begin_transaction(name="race")
         for name in ("order", "payment"):
             coordinator.register_participant(
-                tx_id, name,
+                tx_id,
+                name,
                 functools.partial(append_line, str(log), f"{name} commit"),
                 functools.partial(append_line, str(log), f"{name} rollback"),
             )
@@ -157,7 +163,9 @@ def test_two_processes_racing_to_commit(coordinator: TransactionCoordinator, dat
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", _COMMIT_SCRIPT, database_url, str(tx_id), str(start)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for _ in range(2)
         ]
@@ -170,7 +178,9 @@ def test_two_processes_racing_to_commit(coordinator: TransactionCoordinator, dat
         assert coordinator.get_transaction(tx_id).status is TxStatus.COMMITTED
 
 
-def test_another_process_reads_the_journal(coordinator: TransactionCoordinator, database_url: str) -> None:
+def test_another_process_reads_the_journal(
+    coordinator: TransactionCoordinator, database_url: str
+) -> None:
     """get_transaction from another process returns the journaled state."""
     recorder = Recorder()
     tx_id = coordinator.begin_transaction(name="seen")
@@ -181,8 +191,13 @@ def test_another_process_reads_the_journal(coordinator: TransactionCoordinator, 
         "o = C(sys.argv[1]).get_transaction(sys.argv[2])\n"
         "print(o.status.value, o.failed_step, o.steps[0].status.value)"
     )
-    out = subprocess.run([sys.executable, "-c", script, database_url, str(tx_id)],
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script, database_url, str(tx_id)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert out.stdout.split() == ["ROLLED_BACK", "a", "COMPENSATED"]
 
 
@@ -193,6 +208,11 @@ def test_unknown_transaction_in_another_process(database_url: str) -> None:
         "try:\n  C(sys.argv[1]).get_transaction(sys.argv[2])\n"
         "except TransactionNotFound: print('not found')\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, database_url, str(uuid.uuid4())],
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script, database_url, str(uuid.uuid4())],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == "not found"

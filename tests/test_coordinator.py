@@ -29,8 +29,13 @@ from tests.participants import Recorder, append_line
 NAMES = ["order", "payment", "inventory", "notification"]
 
 
-def register_all(coordinator: TransactionCoordinator, tx_id: uuid.UUID, recorder: Recorder,
-                 fail_at: int | None = None, fail_rollback_at: int | None = None) -> None:
+def register_all(
+    coordinator: TransactionCoordinator,
+    tx_id: uuid.UUID,
+    recorder: Recorder,
+    fail_at: int | None = None,
+    fail_rollback_at: int | None = None,
+) -> None:
     for position, name in enumerate(NAMES):
         action, compensation = recorder.participant(
             name, fail=position == fail_at, fail_rollback=100 if position == fail_rollback_at else 0
@@ -49,9 +54,12 @@ def test_success_runs_actions_once_in_order(coordinator: TransactionCoordinator)
     assert recorder.calls == [(name, "commit") for name in NAMES]
     assert [step.name for step in outcome.steps] == NAMES
     assert all(step.status is StepStatus.DONE and step.attempts == 1 for step in outcome.steps)
-    assert outcome.failed_step is None and outcome.error is None
-    assert outcome.name == "place_order" and outcome.id == tx_id
-    assert outcome.started_at is not None and outcome.finished_at is not None
+    assert outcome.failed_step is None
+    assert outcome.error is None
+    assert outcome.name == "place_order"
+    assert outcome.id == tx_id
+    assert outcome.started_at is not None
+    assert outcome.finished_at is not None
     assert outcome.created_at <= outcome.started_at <= outcome.finished_at
     assert coordinator.get_transaction(tx_id) == outcome
 
@@ -69,12 +77,17 @@ def test_failure_compensates_started_steps_newest_first(
     started = NAMES[: fail_at + 1]
     assert recorder.of("commit") == started
     assert recorder.of("rollback") == list(reversed(started))
-    assert recorder.calls == [(n, "commit") for n in started] + [(n, "rollback") for n in reversed(started)]
+    assert recorder.calls == [(n, "commit") for n in started] + [
+        (n, "rollback") for n in reversed(started)
+    ]
     assert outcome.status is TxStatus.ROLLED_BACK
     assert outcome.failed_step == NAMES[fail_at]
-    assert outcome.error is not None and f"{NAMES[fail_at]} failed" in outcome.error
+    assert outcome.error is not None
+    assert f"{NAMES[fail_at]} failed" in outcome.error
     statuses = [step.status for step in outcome.steps]
-    assert statuses == [StepStatus.COMPENSATED] * (fail_at + 1) + [StepStatus.SKIPPED] * (len(NAMES) - fail_at - 1)
+    assert statuses == [StepStatus.COMPENSATED] * (fail_at + 1) + [StepStatus.SKIPPED] * (
+        len(NAMES) - fail_at - 1
+    )
     assert outcome.steps[fail_at].error is not None
     assert coordinator.get_transaction(tx_id) == outcome
 
@@ -82,26 +95,35 @@ def test_failure_compensates_started_steps_newest_first(
 def test_failing_rollback_is_retried_others_still_run_and_tx_fails(
     coordinator: TransactionCoordinator,
 ) -> None:
-    """A rollback that keeps failing is retried, journaled, the others still run, and it ends FAILED."""
+    """A rollback that keeps failing is retried and journaled; the others run; it ends FAILED."""
     recorder = Recorder()
     tx_id = coordinator.begin_transaction()
     register_all(coordinator, tx_id, recorder, fail_at=3, fail_rollback_at=1)
     outcome = coordinator.commit_transaction(tx_id)
 
     attempts = FAST_RETRY.max_attempts
-    assert recorder.of("rollback") == ["notification", "inventory", *["payment"] * attempts, "order"]
+    assert recorder.of("rollback") == [
+        "notification",
+        "inventory",
+        *["payment"] * attempts,
+        "order",
+    ]
     assert outcome.status is TxStatus.FAILED
     assert outcome.failed_step == "payment"
-    assert outcome.error is not None and "payment cannot be undone" in outcome.error
+    assert outcome.error is not None
+    assert "payment cannot be undone" in outcome.error
     payment = outcome.step("payment")
     assert payment.status is StepStatus.COMPENSATION_FAILED
     assert payment.compensation_attempts == attempts
-    assert payment.compensation_error is not None and "cannot be undone" in payment.compensation_error
+    assert payment.compensation_error is not None
+    assert "cannot be undone" in payment.compensation_error
     assert outcome.step("order").status is StepStatus.COMPENSATED
     assert coordinator.get_transaction(tx_id) == outcome
 
 
-def test_transient_rollback_error_is_retried_to_success(coordinator: TransactionCoordinator) -> None:
+def test_transient_rollback_error_is_retried_to_success(
+    coordinator: TransactionCoordinator,
+) -> None:
     """A rollback that fails once and then works leaves the transaction ROLLED_BACK."""
     recorder = Recorder()
     tx_id = coordinator.begin_transaction()
@@ -120,21 +142,28 @@ def test_per_participant_retry_policy_overrides_the_coordinators(
     recorder = Recorder()
     tx_id = coordinator.begin_transaction()
     once = RetryPolicy(max_attempts=1, initial_delay=0)
-    coordinator.register_participant(tx_id, "a", *recorder.participant("a", fail_rollback=100), rollback_retry=once)
+    coordinator.register_participant(
+        tx_id, "a", *recorder.participant("a", fail_rollback=100), rollback_retry=once
+    )
     coordinator.register_participant(tx_id, "b", *recorder.participant("b", fail=True))
     outcome = coordinator.commit_transaction(tx_id)
     assert recorder.of("rollback") == ["b", "a"]
-    assert outcome.status is TxStatus.FAILED and outcome.step("a").compensation_attempts == 1
+    assert outcome.status is TxStatus.FAILED
+    assert outcome.step("a").compensation_attempts == 1
 
 
 def test_retry_waits_with_backoff(database_url: str) -> None:
     """Between rollback attempts the coordinator sleeps the policy's growing delays."""
     slept: list[float] = []
     policy = RetryPolicy(max_attempts=4, initial_delay=0.5, backoff=2.0, max_delay=1.5)
-    with TransactionCoordinator(database_url, rollback_retry=policy, sleep=slept.append) as coordinator:
+    with TransactionCoordinator(
+        database_url, rollback_retry=policy, sleep=slept.append
+    ) as coordinator:
         recorder = Recorder()
         tx_id = coordinator.begin_transaction()
-        coordinator.register_participant(tx_id, "a", *recorder.participant("a", fail=True, fail_rollback=100))
+        coordinator.register_participant(
+            tx_id, "a", *recorder.participant("a", fail=True, fail_rollback=100)
+        )
         assert coordinator.commit_transaction(tx_id).status is TxStatus.FAILED
     assert slept == [0.5, 1.0, 1.5]
 
@@ -155,7 +184,8 @@ def test_rollback_of_pending_skips_every_step(coordinator: TransactionCoordinato
 def test_empty_transaction_commits(coordinator: TransactionCoordinator) -> None:
     """A transaction without participants commits with nothing to run."""
     outcome = coordinator.commit_transaction(coordinator.begin_transaction())
-    assert outcome.status is TxStatus.COMMITTED and outcome.steps == ()
+    assert outcome.status is TxStatus.COMMITTED
+    assert outcome.steps == ()
 
 
 def test_timeout_sets_a_journaled_deadline(database_url: str) -> None:
@@ -178,7 +208,9 @@ def test_string_ids_work_everywhere(coordinator: TransactionCoordinator) -> None
     assert coordinator.commit_transaction(tx_id.upper()).status is TxStatus.COMMITTED
 
 
-def test_another_coordinator_sees_the_journal(coordinator: TransactionCoordinator, database_url: str) -> None:
+def test_another_coordinator_sees_the_journal(
+    coordinator: TransactionCoordinator, database_url: str
+) -> None:
     """A second coordinator on the same database reads the same transaction."""
     recorder = Recorder()
     tx_id = coordinator.begin_transaction(name="shared")
@@ -193,12 +225,13 @@ def test_another_coordinator_sees_the_journal(coordinator: TransactionCoordinato
 def test_importable_participants_run_from_another_coordinator(
     coordinator: TransactionCoordinator, database_url: str, tmp_path: object
 ) -> None:
-    """Participants journaled by import path can be committed by a coordinator that did not register them."""
+    """Importable participants can be committed by a coordinator that did not register them."""
     log = f"{tmp_path}/effects.log"
     tx_id = coordinator.begin_transaction()
     for name in ("a", "b"):
         coordinator.register_participant(
-            tx_id, name,
+            tx_id,
+            name,
             functools.partial(append_line, log, f"{name} commit"),
             functools.partial(append_line, log, f"{name} rollback"),
         )
@@ -237,7 +270,8 @@ def test_malformed_ids_are_refused(coordinator: TransactionCoordinator, bad: obj
     for call in calls:
         with pytest.raises(InvalidTransactionId) as info:
             call()
-        assert isinstance(info.value, ValueError) and isinstance(info.value, CeleryTxError)
+        assert isinstance(info.value, ValueError)
+        assert isinstance(info.value, CeleryTxError)
 
 
 def test_unknown_ids_are_not_found(coordinator: TransactionCoordinator) -> None:
@@ -272,7 +306,9 @@ def test_duplicate_participant_is_refused(coordinator: TransactionCoordinator) -
 def _finished(coordinator: TransactionCoordinator, status: TxStatus) -> uuid.UUID:
     recorder = Recorder()
     tx_id = coordinator.begin_transaction()
-    coordinator.register_participant(tx_id, "a", *recorder.participant("a", fail=status is not TxStatus.COMMITTED))
+    coordinator.register_participant(
+        tx_id, "a", *recorder.participant("a", fail=status is not TxStatus.COMMITTED)
+    )
     if status is TxStatus.ROLLED_BACK:
         coordinator.rollback_transaction(tx_id)
     else:
@@ -298,21 +334,25 @@ def test_calls_that_do_not_fit_the_state_are_refused(
     tx_id = _finished(coordinator, status)
     before = coordinator.get_transaction(tx_id)
     recorder = Recorder()
+    calls = {
+        "register": lambda: coordinator.register_participant(
+            tx_id, "late", *recorder.participant("late")
+        ),
+        "commit": lambda: coordinator.commit_transaction(tx_id),
+        "rollback": lambda: coordinator.rollback_transaction(tx_id),
+    }
     with pytest.raises(TransactionStateError) as info:
-        if call == "register":
-            coordinator.register_participant(tx_id, "late", *recorder.participant("late"))
-        elif call == "commit":
-            coordinator.commit_transaction(tx_id)
-        else:
-            coordinator.rollback_transaction(tx_id)
+        calls[call]()
     assert info.value.status == status
     assert coordinator.get_transaction(tx_id) == before
     assert recorder.calls == []
 
 
-def test_register_and_rollback_during_commit_are_refused(coordinator: TransactionCoordinator) -> None:
+def test_register_and_rollback_during_commit_are_refused(
+    coordinator: TransactionCoordinator,
+) -> None:
     """While the commit runs, registering, committing again and rolling back are refused."""
-    seen: list[type[BaseException]] = []
+    seen: list[str | None] = []
     tx_id = coordinator.begin_transaction()
 
     def action() -> None:
@@ -324,21 +364,31 @@ def test_register_and_rollback_during_commit_are_refused(coordinator: Transactio
             try:
                 attempt()
             except TransactionStateError as exc:
-                seen.append(type(exc))
-                assert exc.status is TxStatus.RUNNING
+                seen.append(exc.status)
 
     coordinator.register_participant(tx_id, "a", action, lambda: None)
     assert coordinator.commit_transaction(tx_id).status is TxStatus.COMMITTED
-    assert seen == [TransactionStateError] * 3
+    assert seen == [TxStatus.RUNNING] * 3
     assert [s.name for s in coordinator.get_transaction(tx_id).steps] == ["a"]
 
 
 @pytest.mark.parametrize(
     ("name", "timeout"),
-    [("", None), ("x" * 201, None), (42, None), (None, 0), (None, -1), (None, float("nan")),
-     (None, float("inf")), (None, "10"), (None, True)],
+    [
+        ("", None),
+        ("x" * 201, None),
+        (42, None),
+        (None, 0),
+        (None, -1),
+        (None, float("nan")),
+        (None, float("inf")),
+        (None, "10"),
+        (None, True),
+    ],
 )
-def test_bad_begin_arguments_are_refused(coordinator: TransactionCoordinator, name: object, timeout: object) -> None:
+def test_bad_begin_arguments_are_refused(
+    coordinator: TransactionCoordinator, name: object, timeout: object
+) -> None:
     """A bad name or timeout raises InvalidArgument (a ValueError) and journals nothing."""
     with pytest.raises(InvalidArgument) as info:
         coordinator.begin_transaction(name=name, timeout=timeout)  # type: ignore[arg-type]
@@ -356,10 +406,13 @@ def test_bad_begin_arguments_are_refused(coordinator: TransactionCoordinator, na
     ],
 )
 def test_bad_participants_are_refused(
-    coordinator: TransactionCoordinator, service_name: object, commit: object, rollback: object,
+    coordinator: TransactionCoordinator,
+    service_name: object,
+    commit: object,
+    rollback: object,
     error: type[Exception],
 ) -> None:
-    """A bad service name or a non-callable is refused with a typed error; the journal is unchanged."""
+    """A bad service name or a non-callable gets a typed error; the journal is unchanged."""
     tx_id = coordinator.begin_transaction()
     before = coordinator.get_transaction(tx_id)
     with pytest.raises(error):
@@ -395,6 +448,11 @@ def test_log_records_carry_transaction_and_step(
     assert records
     assert all(getattr(r, "tx_id", None) == str(tx_id) for r in records)
     failed_action = [r for r in records if "action of 'b' failed" in r.getMessage()]
-    assert failed_action and failed_action[0].tx_step == "b" and failed_action[0].exc_info  # type: ignore[attr-defined]
-    gave_up = [r for r in records if r.levelno == logging.ERROR and getattr(r, "tx_step", None) == "a"]
-    assert gave_up and gave_up[0].exc_info
+    assert failed_action
+    assert failed_action[0].tx_step == "b"
+    assert failed_action[0].exc_info
+    gave_up = [
+        r for r in records if r.levelno == logging.ERROR and getattr(r, "tx_step", None) == "a"
+    ]
+    assert gave_up
+    assert gave_up[0].exc_info

@@ -27,14 +27,21 @@ def journal(database_url: str) -> Journal:
 
 
 def new_tx(**changes: object) -> Outcome:
-    tx = Outcome(id=uuid.uuid4(), name="t", status=TxStatus.PENDING, created_at=NOW,
-                 deadline=NOW + timedelta(seconds=30))
+    tx = Outcome(
+        id=uuid.uuid4(),
+        name="t",
+        status=TxStatus.PENDING,
+        created_at=NOW,
+        deadline=NOW + timedelta(seconds=30),
+    )
     return replace(tx, **changes)  # type: ignore[arg-type]
 
 
 def new_step(name: str, **changes: object) -> StepOutcome:
     step = StepOutcome(
-        position=0, name=name, status=StepStatus.PENDING,
+        position=0,
+        name=name,
+        status=StepStatus.PENDING,
         action={"kind": "callable", "ref": "mod:fn", "args": [1, "x"]},
         compensation={"kind": "callable", "ref": "mod:undo"},
         retry=RetryPolicy(max_attempts=5, initial_delay=0.5),
@@ -48,7 +55,8 @@ def test_create_and_load_round_trip(journal: Journal) -> None:
     journal.create(tx)
     loaded = journal.load(tx.id)
     assert loaded == tx
-    assert loaded is not None and loaded.created_at.tzinfo is not None
+    assert loaded is not None
+    assert loaded.created_at.tzinfo is not None
     assert [s.position for s in loaded.steps] == [0, 1]
 
 
@@ -68,7 +76,8 @@ def test_save_writes_the_difference_and_bumps_the_version(journal: Journal) -> N
     tx4 = journal.save(tx3, done)
     loaded = journal.load(tx.id)
     assert loaded == tx4
-    assert loaded is not None and loaded.status is TxStatus.COMMITTED
+    assert loaded is not None
+    assert loaded.status is TxStatus.COMMITTED
     assert loaded.steps[0].result == {"payment_id": "p-1", "n": [1, 2]}
     assert loaded.version == tx.version + 3
 
@@ -121,7 +130,8 @@ def test_two_journals_racing_compare_and_set(database_url: str) -> None:
         t.join()
     assert len(wins) == 1
     loaded = journals[1].load(tx.id)
-    assert loaded is not None and loaded.version == tx.version + 1
+    assert loaded is not None
+    assert loaded.version == tx.version + 1
     for j in journals:
         j.close()
 
@@ -158,7 +168,8 @@ def test_older_schema_is_migrated(database_url: str, monkeypatch: pytest.MonkeyP
     Journal(database_url).load(uuid.uuid4())
     with journal.engine.connect() as conn:
         version = conn.execute(sa.select(schema.schema_version.c.version)).scalar_one()
-    assert version == schema.SCHEMA_VERSION and ran == [1]
+    assert version == schema.SCHEMA_VERSION
+    assert ran == [1]
 
 
 def test_unreachable_database_is_a_typed_error() -> None:
