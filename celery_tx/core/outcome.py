@@ -47,8 +47,6 @@ class StepOutcome:
     """When the compensation (first) started."""
     compensation_finished_at: datetime | None = None
     """When the compensation ended."""
-    version: int = 0
-    """The row's compare-and-set version."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,18 +27,19 @@ class RetryPolicy:
             raise InvalidArgument(f"max_attempts must be an int, got {self.max_attempts!r}")
         if self.max_attempts < 1:
             raise InvalidArgument(f"max_attempts must be at least 1, got {self.max_attempts}")
-        for field in ("initial_delay", "max_delay"):
+        for field, minimum in (("initial_delay", 0), ("max_delay", 0), ("backoff", 1)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidArgument(f"{field} must be a number >= 0, got {value!r}")
-        if isinstance(self.backoff, bool) or not isinstance(self.backoff, int | float):
-            raise InvalidArgument(f"backoff must be a number >= 1, got {self.backoff!r}")
-        if self.backoff < 1:
-            raise InvalidArgument(f"backoff must be a number >= 1, got {self.backoff!r}")
+            if not _is_finite_number(value) or value < minimum:
+                raise InvalidArgument(
+                    f"{field} must be a finite number >= {minimum}, got {value!r}"
+                )
 
     def delay_after(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = self.initial_delay * self.backoff ** max(attempt - 1, 0)
+        try:
+            delay = self.initial_delay * self.backoff ** max(attempt - 1, 0)
+        except OverflowError:  # the exponent outgrew floats long after the cap was reached
+            return float(self.max_delay) if self.initial_delay else 0.0
         return float(min(delay, self.max_delay))
 
     def to_json(self) -> dict[str, Any]:
@@ -53,3 +55,7 @@ class RetryPolicy:
     def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
         """The policy a journal row recorded."""
         return cls(**data)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

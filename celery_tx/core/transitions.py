@@ -103,9 +103,17 @@ def start_commit(tx: Outcome, now: datetime) -> Outcome:
 
 
 def start_action(tx: Outcome, position: int, now: datetime) -> Outcome:
-    """Mark a step's action as started (again, on a retry or redelivery)."""
+    """Mark a step's action as started (again, on a retry or redelivery).
+
+    Actions run in registration order: every step before it must be DONE.
+    """
     _require(tx, T.RUNNING, "start an action")
     step = tx.steps[position]
+    if any(earlier.status is not S.DONE for earlier in tx.steps[:position]):
+        raise TransactionStateError(
+            f"step {step.name!r} of transaction {tx.id} cannot start before the steps ahead of it",
+            status=tx.status,
+        )
     return _move_step(tx, position, S.RUNNING, attempts=step.attempts + 1, started_at=now)
 
 
@@ -132,15 +140,17 @@ def fail_action(tx: Outcome, position: int, error: str, now: datetime) -> Outcom
 def begin_compensation(
     tx: Outcome, now: datetime, *, failed_step: str | None, error: str | None
 ) -> Outcome:
-    """RUNNING (or FAILED, on an operator retry) -> COMPENSATING.
+    """RUNNING -> COMPENSATING (an action failed, or the transaction was aborted).
 
     Steps that never started are SKIPPED now: there is nothing of theirs to undo.
+    When no step had started, the transaction is ROLLED_BACK at once.
     """
-    tx = _move(tx, T.COMPENSATING, failed_step=failed_step, error=error, finished_at=None)
+    _require(tx, T.RUNNING, "compensate")
+    tx = _move(tx, T.COMPENSATING, failed_step=failed_step, error=error)
     for step in tx.steps:
         if step.status is S.PENDING:
             tx = _move_step(tx, step.position, S.SKIPPED)
-    return tx
+    return _finish_rollback_if_done(tx, now)
 
 
 def rollback_pending(tx: Outcome, now: datetime) -> Outcome:
@@ -155,7 +165,8 @@ def steps_to_compensate(tx: Outcome) -> list[int]:
     """Positions of the steps still to compensate, newest first.
 
     Every step that started is compensated: DONE, FAILED, RUNNING (outcome
-    unknown) and those whose compensation started or failed before.
+    unknown), and COMPENSATING (a compensation that started but did not end). A
+    COMPENSATION_FAILED step is not due again until an operator retries it.
     """
     pending = (S.RUNNING, S.DONE, S.FAILED, S.COMPENSATING)
     return [step.position for step in reversed(tx.steps) if step.status in pending]
@@ -196,6 +207,14 @@ def _finish_rollback_if_done(tx: Outcome, now: datetime) -> Outcome:
         return tx
     failed = [step for step in reversed(tx.steps) if step.status is S.COMPENSATION_FAILED]
     if not failed:
+        # Name the action that failed again: a FAILED transaction retried by an
+        # operator had its failed_step pointing at the compensation.
+        action_failed = [step for step in tx.steps if step.status is S.COMPENSATED and step.error]
+        if action_failed:
+            step = action_failed[-1]
+            return _move(
+                tx, T.ROLLED_BACK, finished_at=now, failed_step=step.name, error=step.error
+            )
         return _move(tx, T.ROLLED_BACK, finished_at=now)
     # Never a silent "rolled back" while an effect may have stayed applied.
     first = failed[0]

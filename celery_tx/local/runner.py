@@ -14,10 +14,11 @@ and may lose only a suffix of progress if the database machine loses power):
    later forget.
 3. Step progress in between (DONE, next RUNNING, compensations) is not flushed.
    Losing it can only make the journal look *earlier* than reality: a RUNNING
-   transaction whose later steps look unstarted or uncompensated. Recovery
-   therefore treats every step of a RUNNING or COMPENSATING transaction after the
-   last one known finished as possibly started, and actions and compensations
-   must be idempotent (``barrier()`` makes them so).
+   transaction whose later steps look unstarted, or compensations that look not
+   yet done. So after a power loss of the database machine, recovery must not
+   take a PENDING step of a RUNNING transaction as proof that it never started,
+   and actions and compensations must be idempotent (running twice, or undoing
+   what never happened, changes nothing). A process crash loses none of it.
 
 That is two flushes per transaction, which is what lets a SQLite file journal
 run over a thousand four-step transactions a second.
