@@ -6,7 +6,9 @@ Durability is chosen per write transaction (see ``celery_tx.store.journal``):
   durable, in which case ``synchronous=FULL`` is set *before* ``BEGIN`` (set
   inside the transaction, SQLite ignores it for that commit, measured with
   strace). Writers take the lock at ``BEGIN IMMEDIATE`` so two writers never
-  deadlock upgrading a read lock.
+  deadlock upgrading a read lock. The journal's connections say which they are
+  in their execution options (``WRITE``, ``DURABLE``); ``prepare_begin`` hands
+  that to the dialect's BEGIN, which this module replaces.
 - PostgreSQL connections default to ``synchronous_commit=off`` (the server has
   the commit, the WAL flush is deferred); a durable write says
   ``SET LOCAL synchronous_commit = on``, and its flush covers every earlier
@@ -20,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 
 from celery_tx.core.errors import InvalidArgument
 
@@ -31,7 +33,12 @@ DATABASE_URL_ENV = "CELERY_TX_DATABASE_URL"
 """The environment variable read when no URL is given."""
 
 WRITE = "celery_tx_write"
+"""Execution option of the journal's write connections."""
 DURABLE = "celery_tx_durable"
+"""Execution option of the journal's durable write connections."""
+_BEGIN_MODE = "celery_tx_begin"  # key in a SQLite connection's info: its next BEGIN
+_BEGIN_WRITE = "write"
+_BEGIN_DURABLE_WRITE = "durable write"
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -73,30 +80,47 @@ def _sqlite_engine(url: URL) -> Engine:
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Leave BEGIN to the "begin" hook below (pysqlite's own is deferred only).
+        # Leave BEGIN to _sqlite_begin below (pysqlite's own is deferred only).
         dbapi_connection.isolation_level = None
         dbapi_connection.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
         if not memory:
             dbapi_connection.execute("PRAGMA journal_mode = WAL")
 
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # Straight to the driver: these run on every journal write, and SQLAlchemy's
-        # execute path would cost more than the statements themselves.
-        options = conn.get_execution_options()
-        dbapi_connection = conn.connection.dbapi_connection
-        assert dbapi_connection is not None
-        if not options.get(WRITE):
-            dbapi_connection.execute("BEGIN")
-            return
-        synchronous = "FULL" if options.get(DURABLE) else "NORMAL"
-        if conn.connection.info.get("synchronous") != synchronous:
-            dbapi_connection.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.connection.info["synchronous"] = synchronous
-        dbapi_connection.execute("BEGIN IMMEDIATE")
-
+    # BEGIN is the dialect's do_begin, not a "begin" event listener: once an engine
+    # has any Connection event listener, SQLAlchemy dispatches events around every
+    # statement, which costs more than the journal's statements themselves.
+    engine.dialect.do_begin = _sqlite_begin  # type: ignore[method-assign,assignment]
     return engine
+
+
+def _sqlite_begin(connection: PoolProxiedConnection) -> None:
+    # Straight to the driver: this runs on every journal transaction.
+    dbapi_connection = connection.dbapi_connection
+    assert dbapi_connection is not None
+    mode = connection.info.pop(_BEGIN_MODE, None)
+    if mode is None:
+        dbapi_connection.execute("BEGIN")
+        return
+    synchronous = "FULL" if mode == _BEGIN_DURABLE_WRITE else "NORMAL"
+    if connection.info.get("synchronous") != synchronous:
+        dbapi_connection.execute(f"PRAGMA synchronous = {synchronous}")
+        connection.info["synchronous"] = synchronous
+    dbapi_connection.execute("BEGIN IMMEDIATE")
+
+
+def prepare_begin(conn: Connection) -> None:
+    """Call before ``conn.begin()``: SQLite begins as the connection's options say.
+
+    A connection with the ``WRITE`` option begins ``IMMEDIATE``, after setting
+    ``synchronous`` to ``FULL`` when it also has ``DURABLE``, else ``NORMAL``;
+    any other begins deferred. No-op on other databases.
+    """
+    if conn.dialect.name == "sqlite":
+        options = conn.get_execution_options()
+        if options.get(WRITE):
+            durable = options.get(DURABLE)
+            conn.connection.info[_BEGIN_MODE] = _BEGIN_DURABLE_WRITE if durable else _BEGIN_WRITE
 
 
 def make_durable(conn: Connection) -> None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from celery_tx.core.errors import JournalConflict, JournalUnavailable
 from celery_tx.core.outcome import Outcome
@@ -35,24 +37,69 @@ from celery_tx.store.engine import (
     create_journal_engine,
     is_memory_sqlite,
     make_durable,
+    prepare_begin,
     resolve_database_url,
 )
+
+_T = TypeVar("_T")
+_NO_LOCK: AbstractContextManager[object] = nullcontext()
 
 _t = schema.transactions
 _s = schema.steps
 
+# Every statement is built once, never per call: reads find their compiled form
+# in SQLAlchemy's cache, writes in the journal's own (see _Prepared).
+_INSERT_TX = _t.insert()
+_INSERT_STEPS = _s.insert()
 _UPDATE_STEP = (
     sa.update(_s)
     .where(_s.c.tx_id == sa.bindparam("b_tx_id"), _s.c.position == sa.bindparam("b_position"))
     .execution_options(synchronize_session=False)
 )
 # The compare-and-set every write starts with; the SET clause comes from the
-# parameters' keys. Built once, so SQLAlchemy's compiled cache is hit each time.
+# parameters' keys.
 _CAS_TX = sa.update(_t).where(
     _t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version")
 )
 _SELECT_TX = sa.select(_t).where(_t.c.id == sa.bindparam("tx_id"))
 _SELECT_STEPS = sa.select(_s).where(_s.c.tx_id == sa.bindparam("tx_id")).order_by(_s.c.position)
+
+
+class _Prepared:
+    """A write statement compiled once for a dialect and a set of parameter names.
+
+    Writes go through ``Connection.exec_driver_sql`` with parameters converted by
+    SQLAlchemy's own bind processors of each column type: the same SQL, stored
+    values, error wrapping and cursor events as ``Connection.execute``, without
+    its per-call cache key, compiled-cache lookup and parameter machinery, which
+    cost more than the statement itself on SQLite.
+    """
+
+    __slots__ = ("_order", "_processors", "sql")
+
+    def __init__(
+        self, statement: sa.ClauseElement, dialect: Dialect, keys: tuple[str, ...]
+    ) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=list(keys)))
+        self.sql = compiled.string
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self._processors[name] = processor
+        # Positional paramstyles (SQLite's qmark) take a tuple in placeholder order.
+        self._order: list[tuple[str, Callable[[Any], Any] | None]] | None = (
+            [(name, self._processors.get(name)) for name in compiled.positiontup or ()]
+            if compiled.positional
+            else None
+        )
+
+    def parameters(self, values: dict[str, Any]) -> Any:
+        """``values`` converted for the driver."""
+        if self._order is not None:
+            return tuple([values[n] if p is None else p(values[n]) for n, p in self._order])
+        processors = self._processors
+        return {n: v if (p := processors.get(n)) is None else p(v) for n, v in values.items()}
 
 
 class Journal:
@@ -61,6 +108,12 @@ class Journal:
     def __init__(self, database_url: str | URL | None = None) -> None:
         self.url = resolve_database_url(database_url)
         self.engine: Engine = create_journal_engine(self.url)
+        # Each connection says what it is for in its execution options (the SQLite
+        # BEGIN and instrumentation read them): set once per engine variant here,
+        # not on every connection.
+        self._reader = self.engine.execution_options(**{WRITE: False, DURABLE: False})
+        self._writer = self.engine.execution_options(**{WRITE: True, DURABLE: False})
+        self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
         # An in-memory SQLite database is one connection: share it one caller at a time.
         self._serial: AbstractContextManager[object] = (
             threading.RLock() if is_memory_sqlite(self.url) else nullcontext()
@@ -73,6 +126,7 @@ class Journal:
         )
         self._schema_lock = threading.Lock()
         self._schema_ready = False
+        self._prepared: dict[tuple[sa.ClauseElement, tuple[str, ...]], _Prepared] = {}
 
     def close(self) -> None:
         """Release the engine's connections."""
@@ -82,22 +136,30 @@ class Journal:
 
     def load(self, tx_id: uuid.UUID) -> Outcome | None:
         """The journaled transaction, or None when there is no such id."""
-        with self._transaction(write=False) as conn:
+
+        def statements(conn: Connection) -> Outcome | None:
             row = conn.execute(_SELECT_TX, {"tx_id": tx_id}).mappings().first()
             if row is None:
                 return None
             step_rows = conn.execute(_SELECT_STEPS, {"tx_id": tx_id}).mappings().all()
-        return rows.tx_from_rows(row, step_rows)
+            return rows.tx_from_rows(row, step_rows)
+
+        return self._run(statements, write=False)
 
     # -- writes --------------------------------------------------------------
 
     def create(self, tx: Outcome, *, durable: bool = False) -> Outcome:
         """Insert a new transaction (and any steps it already has)."""
-        with self._transaction(write=True, durable=durable) as conn:
-            conn.execute(_t.insert(), rows.tx_to_row(tx))
+
+        def statements(conn: Connection) -> Outcome:
+            if durable:
+                make_durable(conn)
+            self._execute(conn, _INSERT_TX, rows.tx_to_row(tx))
             if tx.steps:
-                conn.execute(_s.insert(), [rows.step_to_row(tx.id, s) for s in tx.steps])
-        return tx
+                self._execute(conn, _INSERT_STEPS, [rows.step_to_row(tx.id, s) for s in tx.steps])
+            return tx
+
+        return self._run(statements, write=True, durable=durable)
 
     def save(self, before: Outcome, after: Outcome, *, durable: bool = False) -> Outcome:
         """Write what changed from ``before`` to ``after``, if nobody wrote in between.
@@ -107,55 +169,83 @@ class Journal:
         """
         changes = rows.tx_changes(before, after)
         added = after.steps[len(before.steps) :]
-        changed = [new for old, new in zip(before.steps, after.steps, strict=False) if old != new]
+        # Transitions copy unchanged steps by reference: compare the others only.
+        changed = [
+            new
+            for old, new in zip(before.steps, after.steps, strict=False)
+            if old is not new and old != new
+        ]
         if not (changes or added or changed):
             return after
         version = before.version + 1
-        with self._transaction(write=True, durable=durable) as conn:
-            cas = {"b_id": before.id, "b_version": before.version, "version": version, **changes}
-            if conn.execute(_CAS_TX, cas).rowcount != 1:
+        cas = {"b_id": before.id, "b_version": before.version, "version": version, **changes}
+
+        def statements(conn: Connection) -> Outcome:
+            if durable:
+                make_durable(conn)
+            if self._execute(conn, _CAS_TX, cas).rowcount != 1:
                 raise JournalConflict(
                     f"transaction {before.id} changed since version {before.version}"
                 )
             if added:
-                conn.execute(_s.insert(), [rows.step_to_row(after.id, s) for s in added])
+                self._execute(conn, _INSERT_STEPS, [rows.step_to_row(after.id, s) for s in added])
             if changed:
-                conn.execute(_UPDATE_STEP, [rows.step_update_row(after.id, s) for s in changed])
-        return replace(after, version=version)
+                self._execute(
+                    conn, _UPDATE_STEP, [rows.step_update_row(after.id, s) for s in changed]
+                )
+            return replace(after, version=version)
+
+        return self._run(statements, write=True, durable=durable)
 
     # -- plumbing ------------------------------------------------------------
 
-    @contextmanager
-    def _transaction(self, *, write: bool, durable: bool = False) -> Iterator[Connection]:
-        self._ensure_schema()
-        writers = self._writers if write else nullcontext()
-        with self._serial, writers, _translate_errors(), self.engine.connect() as conn:
-            conn.execution_options(**{WRITE: write, DURABLE: durable})
-            with conn.begin():
-                if durable:
-                    make_durable(conn)
-                yield conn
+    def _execute(
+        self,
+        conn: Connection,
+        statement: sa.ClauseElement,
+        values: dict[str, Any] | list[dict[str, Any]],
+    ) -> sa.CursorResult[Any]:
+        """Run a write statement with one set of values, or many (executemany)."""
+        first = values[0] if isinstance(values, list) else values
+        key = (statement, tuple(first))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = _Prepared(statement, self.engine.dialect, key[1])
+            prepared = self._prepared.setdefault(key, prepared)
+        if isinstance(values, list):
+            return conn.exec_driver_sql(prepared.sql, [prepared.parameters(v) for v in values])
+        return conn.exec_driver_sql(prepared.sql, prepared.parameters(values))
+
+    def _run(
+        self, statements: Callable[[Connection], _T], *, write: bool, durable: bool = False
+    ) -> _T:
+        """``statements(conn)`` in one database transaction, its errors translated."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        return self._transaction(statements, write=write, durable=durable)
+
+    def _transaction(
+        self, statements: Callable[[Connection], _T], *, write: bool, durable: bool
+    ) -> _T:
+        if write:
+            engine = self._durable_writer if durable else self._writer
+            writers = self._writers
+        else:
+            engine, writers = self._reader, _NO_LOCK
+        try:
+            with self._serial, writers, engine.connect() as conn:
+                prepare_begin(conn)
+                with conn.begin():
+                    return statements(conn)
+        except sa.exc.IntegrityError as exc:
+            # A unique key hit by a concurrent writer: the same race the version guards.
+            raise JournalConflict(str(exc.orig)) from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise JournalUnavailable(f"the journal database is unavailable: {exc.orig}") from exc
 
     def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
         with self._schema_lock:
             if self._schema_ready:
                 return
-            with self._serial, _translate_errors(), self.engine.connect() as conn:
-                conn.execution_options(**{WRITE: True})
-                with conn.begin():
-                    schema.ensure_schema(conn)
+            self._transaction(schema.ensure_schema, write=True, durable=False)
             self._schema_ready = True
-
-
-@contextmanager
-def _translate_errors() -> Iterator[None]:
-    """Turn driver errors into celery-tx's typed ones."""
-    try:
-        yield
-    except sa.exc.IntegrityError as exc:
-        # A unique key hit by a concurrent writer: the same race the version guards.
-        raise JournalConflict(str(exc.orig)) from exc
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        raise JournalUnavailable(f"the journal database is unavailable: {exc.orig}") from exc
