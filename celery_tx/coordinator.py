@@ -31,6 +31,7 @@ from celery_tx.store import Journal
 logger = logging.getLogger("celery_tx.coordinator")
 
 _MAX_NAME_LENGTH = 200
+LOCAL_TOKEN = "local_token"  # key of the registration token in a journaled action
 
 
 def _utcnow() -> datetime:
@@ -66,8 +67,8 @@ class TransactionCoordinator:
         # Latest snapshot this coordinator wrote, per live transaction: saves a read
         # before each write. Only an optimisation; the version check keeps it honest.
         self._snapshots: dict[uuid.UUID, Outcome] = {}
-        # The callables registered here, by transaction and step name: lambdas and
-        # closures can only be run from this table.
+        # The callables registered here, by transaction and registration token (the
+        # token is journaled with the step): lambdas and closures run only from here.
         self._calls: dict[uuid.UUID, dict[str, LocalCall]] = {}
         self._lock = threading.Lock()
 
@@ -129,26 +130,29 @@ class TransactionCoordinator:
         _check_service_name(service_name)
         if rollback_retry is not None and not isinstance(rollback_retry, RetryPolicy):
             raise InvalidArgument(f"rollback_retry must be a RetryPolicy, got {rollback_retry!r}")
+        # The token ties the journaled step to the callables held here. Of threads
+        # racing to register one name, only the journal's winner's token is looked
+        # up later, and each loser removes only its own entry.
+        token = uuid.uuid4().hex
+        action = callables.describe(commit_function, role="commit_function")
         step = StepOutcome(
             position=0,
             name=service_name,
             status=StepStatus.PENDING,
-            action=callables.describe(commit_function, role="commit_function"),
+            action={**action, LOCAL_TOKEN: token},
             compensation=callables.describe(rollback_function, role="rollback_function"),
             retry=rollback_retry,
         )
-        # Claim the name before the journal write, so a commit racing in from
-        # another thread finds the callables; a failed write gives the claim back.
+        # Stored before the journal write, so a commit racing in from another
+        # thread finds the callables as soon as the step is journaled.
         calls = self._calls.setdefault(tx_id, {})
-        mine = LocalCall(commit_function, rollback_function)
-        claimed = calls.setdefault(service_name, mine)
+        calls[token] = LocalCall(commit_function, rollback_function)
         try:
             self._remember(
                 self._runner.apply(self._snapshot(tx_id), lambda tx: tr.add_step(tx, step))
             )
         except BaseException:
-            if claimed is mine:
-                calls.pop(service_name, None)
+            calls.pop(token, None)
             raise
         logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
 
@@ -220,7 +224,7 @@ class TransactionCoordinator:
         self._calls.pop(tx_id, None)
 
     def _resolve(self, tx_id: uuid.UUID, step: StepOutcome) -> LocalCall:
-        registered = self._calls.get(tx_id, {}).get(step.name)
+        registered = self._calls.get(tx_id, {}).get(step.action.get(LOCAL_TOKEN, ""))
         if registered is not None:
             return registered
         return LocalCall(callables.resolve(step.action), callables.resolve(step.compensation))
