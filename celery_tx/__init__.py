@@ -3,6 +3,7 @@
 The whole public API is importable from here.
 """
 
+from celery_tx.context import StepContext, current_step
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.errors import (
     CeleryTxError,
@@ -12,6 +13,7 @@ from celery_tx.core.errors import (
     InvalidTransactionId,
     JournalConflict,
     JournalUnavailable,
+    NoCurrentStep,
     ParticipantNotResolvable,
     SchemaVersionError,
     TransactionNotFound,
@@ -26,6 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     # the coordinator
     "TransactionCoordinator",
+    # inside a participant
+    "current_step",
+    "StepContext",
     # snapshots and statuses
     "Outcome",
     "StepOutcome",
@@ -44,4 +49,5 @@ __all__ = [
     "JournalConflict",
     "JournalUnavailable",
     "SchemaVersionError",
+    "NoCurrentStep",
 ]

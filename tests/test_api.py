@@ -38,6 +38,9 @@ PUBLIC = {
     "JournalConflict",
     "JournalUnavailable",
     "SchemaVersionError",
+    "NoCurrentStep",
+    "current_step",
+    "StepContext",
 }
 
 

@@ -45,6 +45,10 @@ class TransactionStateError(CeleryTxError):
         """The transaction's status when the call was refused."""
 
 
+class NoCurrentStep(CeleryTxError, RuntimeError):
+    """Raised when ``current_step()`` is called outside a running action or compensation."""
+
+
 class JournalConflict(CeleryTxError):
     """Raised when a journal write lost a compare-and-set race.
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from celery_tx.context import Phase, StepContext, running_step
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import JournalConflict, TransactionNotFound
 from celery_tx.core.outcome import Outcome
@@ -96,18 +97,34 @@ class LocalRunner:
 
     def run_actions(self, tx: Outcome, calls: Sequence[LocalCall]) -> Outcome:
         """Call the actions of a RUNNING transaction whose first step is RUNNING."""
+        results: dict[int, Any] = {}
         for position, call in enumerate(calls):
             try:
-                result = call.action()
+                with running_step(self._context(tx, position, "action")):
+                    results[position] = call.action()
             except Exception as exc:
                 tx = self._fail_action(tx, position, exc)
                 break
-            tx = self.apply(tx, self._advance(position, recordable(result)))
+            tx = self.apply(tx, self._advance(position, recordable(results[position])))
         else:
             logger.info("transaction committed", extra=tx_extra(tx.id))
             return tx
         # Outside the except block, so compensation errors do not chain onto it.
-        return self.run_compensations(tx, calls)
+        return self.run_compensations(tx, calls, results)
+
+    @staticmethod
+    def _context(
+        tx: Outcome, position: int, phase: Phase, action_result: Any = None
+    ) -> StepContext:
+        step = tx.steps[position]
+        attempt = step.attempts if phase == "action" else step.compensation_attempts
+        return StepContext(
+            transaction_id=tx.id,
+            step=step.name,
+            phase=phase,
+            attempt=attempt,
+            action_result=action_result,
+        )
 
     def _fail_action(self, tx: Outcome, position: int, exc: Exception) -> Outcome:
         name = tx.steps[position].name
@@ -131,17 +148,27 @@ class LocalRunner:
 
         return event
 
-    def run_compensations(self, tx: Outcome, calls: Sequence[LocalCall]) -> Outcome:
-        """Compensate every started step of a COMPENSATING transaction, newest first."""
+    def run_compensations(
+        self, tx: Outcome, calls: Sequence[LocalCall], results: dict[int, Any] | None = None
+    ) -> Outcome:
+        """Compensate every started step of a COMPENSATING transaction, newest first.
+
+        ``results`` holds what the actions run by this process returned; others
+        get the journaled result.
+        """
+        results = results or {}
         for position in tr.steps_to_compensate(tx):
-            tx = self._compensate(tx, position, calls[position].compensation)
+            result = results.get(position, tx.steps[position].result)
+            tx = self._compensate(tx, position, calls[position].compensation, result)
         level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
         logger.log(
             level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id, tx.failed_step)
         )
         return tx
 
-    def _compensate(self, tx: Outcome, position: int, compensation: Callable[[], Any]) -> Outcome:
+    def _compensate(
+        self, tx: Outcome, position: int, compensation: Callable[[], Any], action_result: Any
+    ) -> Outcome:
         """Run one compensation with its retry policy; journal each attempt and the end."""
         step = tx.steps[position]
         policy = step.retry or self.retry
@@ -149,7 +176,8 @@ class LocalRunner:
         for attempt in range(1, policy.max_attempts + 1):
             tx = self.apply(tx, lambda t: tr.start_compensation(t, position, self.clock()))
             try:
-                compensation()
+                with running_step(self._context(tx, position, "compensation", action_result)):
+                    compensation()
             except Exception as exc:
                 error = describe_error(exc)
                 if attempt < policy.max_attempts:
