@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from dataclasses import replace
@@ -184,3 +185,39 @@ def test_unwritable_sqlite_path_is_a_typed_error(tmp_path: object) -> None:
     journal = Journal(f"sqlite:///{tmp_path}/missing/folder/j.sqlite3")
     with pytest.raises(JournalUnavailable):
         journal.load(uuid.uuid4())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_uses_its_own_connections(database_url: str) -> None:
+    """A child forked after the parent used the journal gets its own database session."""
+    journal = Journal(database_url)
+    tx = journal.create(new_tx())
+    parent_session = _session_id(journal)  # the parent's pool now holds this connection
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its session, then write through the journal
+        code = 1
+        try:
+            os.write(write, str(_session_id(journal)).encode())
+            saved = journal.save(tx, tr.rollback_pending(tx, NOW))
+            code = 0 if saved.status is TxStatus.ROLLED_BACK else 2
+        finally:
+            os._exit(code)
+    os.close(write)
+    child_session = int(os.read(read, 64) or b"0")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_session != parent_session
+    assert _session_id(journal) == parent_session  # the parent kept its connection
+    loaded = journal.load(tx.id)
+    assert loaded is not None
+    assert loaded.status is TxStatus.ROLLED_BACK
+    journal.close()
+
+
+def _session_id(journal: Journal) -> int:
+    """The database session behind the journal's pooled connection."""
+    with journal.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        return id(conn.connection.dbapi_connection)

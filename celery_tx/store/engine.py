@@ -18,6 +18,7 @@ Durability is chosen per write transaction (see ``celery_tx.store.journal``):
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -64,11 +65,31 @@ def create_journal_engine(url: URL) -> Engine:
     """An engine configured for the journal's write pattern on ``url``'s database."""
     backend = url.get_backend_name()
     if backend == "sqlite":
-        return _sqlite_engine(url)
-    if backend == "postgresql":
+        engine = _sqlite_engine(url)
+    elif backend == "postgresql":
         connect_args = {"options": "-c synchronous_commit=off"}
-        return sa.create_engine(url, connect_args=connect_args)
-    return sa.create_engine(url)
+        engine = sa.create_engine(url, connect_args=connect_args)
+    else:
+        engine = sa.create_engine(url)
+    _forget_connections_in_forked_children(engine)
+    return engine
+
+
+def _forget_connections_in_forked_children(engine: Engine) -> None:
+    """A forked child (a prefork pool worker) opens its own connections.
+
+    Sharing the parent's would interleave two processes' traffic on one socket
+    or file handle. SQLAlchemy's recipe: ``dispose(close=False)`` in the child,
+    which drops the inherited pool without closing what the parent still uses.
+    """
+    reference = weakref.ref(engine)
+
+    def after_in_child() -> None:
+        forked = reference()
+        if forked is not None:
+            forked.dispose(close=False)
+
+    os.register_at_fork(after_in_child=after_in_child)
 
 
 def _sqlite_engine(url: URL) -> Engine:
