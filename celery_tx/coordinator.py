@@ -16,7 +16,6 @@ from sqlalchemy.engine import URL
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import (
     InvalidArgument,
-    JournalConflict,
     TransactionNotFound,
 )
 from celery_tx.core.outcome import Outcome, StepOutcome
@@ -31,6 +30,9 @@ from celery_tx.store import Journal
 logger = logging.getLogger("celery_tx.coordinator")
 
 _MAX_NAME_LENGTH = 200
+# Snapshots cached per live transaction; beyond this many the oldest are dropped
+# (a cache miss only costs a read).
+_MAX_CACHED_SNAPSHOTS = 10_000
 LOCAL_TOKEN = "local_token"  # key of the registration token in a journaled action
 
 
@@ -101,9 +103,7 @@ class TransactionCoordinator:
             name=name,
             status=TxStatus.PENDING,
             created_at=now,
-            deadline=now + timedelta(seconds=_check_timeout(timeout))
-            if timeout is not None
-            else None,
+            deadline=None if timeout is None else _deadline(now, timeout),
         )
         self._remember(self._journal.create(tx))
         logger.debug("transaction begun", extra=tx_extra(tx.id))
@@ -143,16 +143,19 @@ class TransactionCoordinator:
             compensation=callables.describe(rollback_function, role="rollback_function"),
             retry=rollback_retry,
         )
+        snapshot = self._snapshot(tx_id)  # TransactionNotFound before anything is held
         # Stored before the journal write, so a commit racing in from another
         # thread finds the callables as soon as the step is journaled.
-        calls = self._calls.setdefault(tx_id, {})
+        with self._lock:
+            calls = self._calls.setdefault(tx_id, {})
         calls[token] = LocalCall(commit_function, rollback_function)
         try:
-            self._remember(
-                self._runner.apply(self._snapshot(tx_id), lambda tx: tr.add_step(tx, step))
-            )
+            self._remember(self._journal.apply(snapshot, lambda tx: tr.add_step(tx, step)))
         except BaseException:
-            calls.pop(token, None)
+            with self._lock:
+                calls.pop(token, None)
+                if not calls and self._calls.get(tx_id) is calls:
+                    del self._calls[tx_id]
             raise
         logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
 
@@ -163,24 +166,29 @@ class TransactionCoordinator:
         raised (a participant's failure is an outcome, not an exception).
         """
         tx_id = parse_tx_id(tx_id)
-        tx = self._snapshot(tx_id)
-        while True:
+        calls: list[LocalCall] = []
+
+        def start(tx: Outcome) -> Outcome:
             tr.require_pending(tx, "commit")
-            calls = [self._resolve(tx_id, step) for step in tx.steps]
-            started = tr.start_commit(tx, self._clock())
+            # Resolved for the very snapshot being started (a reload after a lost
+            # race may hold more steps); a step nobody can run stops it here,
+            # before anything is journaled.
+            calls[:] = [self._resolve(tx_id, step) for step in tx.steps]
+            now = self._clock()
+            started = tr.start_commit(tx, now)
             if started.status is TxStatus.RUNNING:
-                started = tr.start_action(started, 0, self._clock())
-            try:
-                tx = self._journal.save(tx, started, durable=True)
-                break
-            except JournalConflict:
-                tx = self._load(tx_id)
+                started = tr.start_action(started, 0, now)
+            return started
+
+        # Durable: before the first action can have an effect, the journal must
+        # hold the transaction, its participants and the fact that it runs.
+        tx = self._journal.apply(self._snapshot(tx_id), start, durable=True)
         logger.info("transaction committing", extra=tx_extra(tx_id))
-        try:
-            if tx.status is TxStatus.RUNNING:
-                tx = self._runner.run_actions(tx, calls)
-        finally:
-            self._forget(tx_id)
+        if tx.status is TxStatus.RUNNING:
+            tx = self._runner.run_actions(tx, calls)
+        # Kept when the run stopped early (the journal became unreachable): the
+        # callables are what a later retry in this process would need.
+        self._remember(tx)
         return tx
 
     def rollback_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
@@ -190,17 +198,23 @@ class TransactionCoordinator:
         other status raises ``TransactionStateError``.
         """
         tx_id = parse_tx_id(tx_id)
-        tx = self._snapshot(tx_id)
-        if tx.status is TxStatus.ROLLED_BACK:
-            return tx
-        tx = self._runner.apply(tx, lambda t: tr.rollback_pending(t, self._clock()), durable=True)
-        self._forget(tx_id)
+
+        def roll_back(tx: Outcome) -> Outcome:
+            if tx.status is TxStatus.ROLLED_BACK:
+                return tx  # already: whoever did it, the answer is the same
+            return tr.rollback_pending(tx, self._clock())
+
+        tx = self._journal.apply(self._snapshot(tx_id), roll_back, durable=True)
+        self._remember(tx)
         logger.info("transaction rolled back before commit", extra=tx_extra(tx_id))
         return tx
 
     def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """The transaction as journaled now, whoever wrote it."""
-        return self._load(parse_tx_id(tx_id))
+        tx = self._load(parse_tx_id(tx_id))
+        if tx.is_final:
+            self._forget(tx.id)  # finished, perhaps by another coordinator
+        return tx
 
     # -- internals -----------------------------------------------------------
 
@@ -216,12 +230,17 @@ class TransactionCoordinator:
     def _remember(self, tx: Outcome) -> None:
         if tx.is_final:
             self._forget(tx.id)
-        else:
+            return
+        with self._lock:
+            self._snapshots.pop(tx.id, None)  # re-insert: the newest is kept longest
             self._snapshots[tx.id] = tx
+            while len(self._snapshots) > _MAX_CACHED_SNAPSHOTS:
+                del self._snapshots[next(iter(self._snapshots))]
 
     def _forget(self, tx_id: uuid.UUID) -> None:
-        self._snapshots.pop(tx_id, None)
-        self._calls.pop(tx_id, None)
+        with self._lock:
+            self._snapshots.pop(tx_id, None)
+            self._calls.pop(tx_id, None)
 
     def _resolve(self, tx_id: uuid.UUID, step: StepOutcome) -> LocalCall:
         registered = self._calls.get(tx_id, {}).get(step.action.get(LOCAL_TOKEN, ""))
@@ -231,26 +250,36 @@ class TransactionCoordinator:
 
 
 def _check_name(name: object) -> None:
-    if name is None:
-        return
-    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME_LENGTH:
-        raise InvalidArgument(
-            f"name must be a non-empty string of at most 200 characters, got {name!r}"
-        )
+    if name is not None:
+        _check_text("name", name)
 
 
 def _check_service_name(name: object) -> None:
-    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME_LENGTH:
+    _check_text("service_name", name)
+
+
+def _check_text(what: str, value: object) -> None:
+    # NUL cannot be stored in PostgreSQL text; refuse it here, not in the database.
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > _MAX_NAME_LENGTH
+        or "\x00" in value
+    ):
         raise InvalidArgument(
-            f"service_name must be a non-empty string of at most 200 characters, got {name!r}"
+            f"{what} must be a non-empty string of at most 200 characters "
+            f"without NUL, got {value!r}"
         )
 
 
-def _check_timeout(timeout: object) -> float:
+def _deadline(now: datetime, timeout: object) -> datetime:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout) or timeout <= 0:
         raise InvalidArgument(
             f"timeout must be a positive, finite number of seconds, got {timeout!r}"
         )
-    return float(timeout)
+    try:
+        return now + timedelta(seconds=timeout)
+    except OverflowError:
+        raise InvalidArgument(f"timeout {timeout!r} puts the deadline past year 9999") from None

@@ -60,6 +60,11 @@ class JournalConflict(CeleryTxError):
 class JournalUnavailable(CeleryTxError):
     """Raised when the journal database cannot be reached or refuses a statement."""
 
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        """True when retrying later may succeed (a lost connection, a locked database)."""
+
 
 class SchemaVersionError(CeleryTxError):
     """Raised when the journal was created by a newer celery-tx than this one."""

@@ -1,7 +1,7 @@
 """Journal descriptions of plain callables, and resolving them back.
 
 A participant registered as an importable function (or a ``functools.partial`` of
-one with JSON-encodable arguments) is journaled by module and qualified name, so
+one whose arguments JSON keeps unchanged) is journaled by module and qualified name, so
 any process can run it: another coordinator committing the transaction, or
 recovery after a crash. Lambdas, closures and bound methods are journaled by
 ``repr`` only and can run only in the process that registered them.
@@ -27,7 +27,7 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
     description: dict[str, Any] = {"kind": KIND, "repr": repr(function)[:200], "ref": None}
     target, args, kwargs = _unwrap_partial(function)
     ref = _import_path(target)
-    if ref is not None and _json_encodable(args) and _json_encodable(kwargs):
+    if ref is not None and _survives_json(list(args)) and _survives_json(kwargs):
         description["ref"] = ref
         if args:
             description["args"] = list(args)
@@ -76,9 +76,13 @@ def _import_path(function: Any) -> str | None:
     return f"{module}:{qualname}" if found is function else None
 
 
-def _json_encodable(value: Any) -> bool:
+def _survives_json(value: Any) -> bool:
+    """True when another process reading the journal would get ``value`` back equal.
+
+    Tuples (lists after JSON), non-string keys and NaN would all come back
+    changed, and the function would then be called with other arguments.
+    """
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
+        return bool(json.loads(json.dumps(value, allow_nan=False)) == value)
+    except (TypeError, ValueError, RecursionError):
         return False
-    return True

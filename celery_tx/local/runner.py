@@ -37,7 +37,6 @@ from typing import Any
 
 from celery_tx.context import Phase, StepContext, running_step
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import JournalConflict, TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
@@ -46,7 +45,6 @@ from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.local")
 
-_CONFLICT_RETRIES = 50
 _MAX_ERROR_LENGTH = 4000
 
 
@@ -62,7 +60,13 @@ Event = Callable[[Outcome], Outcome]
 
 
 class LocalRunner:
-    """Moves a transaction through the journal while calling its participants."""
+    """Moves a transaction through the journal while calling its participants.
+
+    A participant that raises a ``BaseException`` (``KeyboardInterrupt``,
+    ``SystemExit``) counts as failed: the transaction is still compensated and
+    journaled final, and the exception is raised again afterwards, so an
+    interrupt never leaves an effect applied behind a RUNNING transaction.
+    """
 
     def __init__(
         self,
@@ -77,40 +81,27 @@ class LocalRunner:
         self.sleep = sleep
         self.retry = retry
 
-    def apply(self, tx: Outcome, event: Event, *, durable: bool = False) -> Outcome:
-        """Write ``event(tx)``; on a lost race re-read and apply it to the winner's state.
-
-        The event itself decides whether it still fits (it raises
-        ``TransactionStateError`` when another actor moved the transaction on). A
-        write that ends the transaction is always durable (rule 2 above).
-        """
-        for _ in range(_CONFLICT_RETRIES):
-            after = event(tx)
-            try:
-                return self.journal.save(tx, after, durable=durable or after.is_final)
-            except JournalConflict:
-                fresh = self.journal.load(tx.id)
-                if fresh is None:
-                    raise TransactionNotFound(f"transaction {tx.id} vanished") from None
-                tx = fresh
-        raise JournalConflict(f"transaction {tx.id} kept changing under {event}")
-
     def run_actions(self, tx: Outcome, calls: Sequence[LocalCall]) -> Outcome:
         """Call the actions of a RUNNING transaction whose first step is RUNNING."""
         results: dict[int, Any] = {}
+        interrupt: BaseException | None = None
         for position, call in enumerate(calls):
             try:
                 with running_step(self._context(tx, position, "action")):
                     results[position] = call.action()
-            except Exception as exc:
+            except BaseException as exc:  # re-raised once compensated
                 tx = self._fail_action(tx, position, exc)
+                interrupt = None if isinstance(exc, Exception) else exc
                 break
-            tx = self.apply(tx, self._advance(position, recordable(results[position])))
+            tx = self.journal.apply(tx, self._advance(position, recordable(results[position])))
         else:
             logger.info("transaction committed", extra=tx_extra(tx.id))
             return tx
         # Outside the except block, so compensation errors do not chain onto it.
-        return self.run_compensations(tx, calls, results)
+        tx = self.run_compensations(tx, calls, results)
+        if interrupt is not None:
+            raise interrupt
+        return tx
 
     @staticmethod
     def _context(
@@ -126,7 +117,7 @@ class LocalRunner:
             action_result=action_result,
         )
 
-    def _fail_action(self, tx: Outcome, position: int, exc: Exception) -> Outcome:
+    def _fail_action(self, tx: Outcome, position: int, exc: BaseException) -> Outcome:
         name = tx.steps[position].name
         error = describe_error(exc)
         logger.warning(
@@ -136,7 +127,7 @@ class LocalRunner:
             exc_info=exc,
             extra=tx_extra(tx.id, name),
         )
-        return self.apply(tx, lambda t: tr.fail_action(t, position, error, self.clock()))
+        return self.journal.apply(tx, lambda t: tr.fail_action(t, position, error, self.clock()))
 
     def _advance(self, position: int, result: Any) -> Event:
         def event(tx: Outcome) -> Outcome:
@@ -157,30 +148,43 @@ class LocalRunner:
         get the journaled result.
         """
         results = results or {}
+        interrupt: BaseException | None = None
         for position in tr.steps_to_compensate(tx):
             result = results.get(position, tx.steps[position].result)
-            tx = self._compensate(tx, position, calls[position].compensation, result)
+            tx, stopped = self._compensate(tx, position, calls[position].compensation, result)
+            interrupt = interrupt or stopped
         level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
         logger.log(
-            level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id, tx.failed_step)
+            level,
+            "transaction %s: %s",
+            tx.status,
+            tx.error,
+            extra=tx_extra(tx.id, tx.failed_step),
         )
+        if interrupt is not None:
+            raise interrupt
         return tx
 
     def _compensate(
         self, tx: Outcome, position: int, compensation: Callable[[], Any], action_result: Any
-    ) -> Outcome:
-        """Run one compensation with its retry policy; journal each attempt and the end."""
+    ) -> tuple[Outcome, BaseException | None]:
+        """Run one compensation with its retry policy; journal each attempt and the end.
+
+        A ``BaseException`` ends the retries at once; it is returned so the other
+        compensations still run before it is raised again.
+        """
         step = tx.steps[position]
         policy = step.retry or self.retry
         extra = tx_extra(tx.id, step.name)
         for attempt in range(1, policy.max_attempts + 1):
-            tx = self.apply(tx, lambda t: tr.start_compensation(t, position, self.clock()))
+            tx = self.journal.apply(tx, lambda t: tr.start_compensation(t, position, self.clock()))
             try:
                 with running_step(self._context(tx, position, "compensation", action_result)):
                     compensation()
-            except Exception as exc:
+            except BaseException as exc:  # journaled, then re-raised
                 error = describe_error(exc)
-                if attempt < policy.max_attempts:
+                interrupt = None if isinstance(exc, Exception) else exc
+                if attempt < policy.max_attempts and interrupt is None:
                     logger.warning(
                         "compensation of %r failed (attempt %d), retrying: %s",
                         step.name,
@@ -198,25 +202,53 @@ class LocalRunner:
                     exc_info=exc,
                     extra=extra,
                 )
-                return self._give_up(tx, position, error)
+                return self._give_up(tx, position, error), interrupt
             break
-        return self.apply(tx, lambda t: tr.finish_compensation(t, position, self.clock()))
+        done = self.journal.apply(tx, lambda t: tr.finish_compensation(t, position, self.clock()))
+        return done, None
 
     def _give_up(self, tx: Outcome, position: int, error: str) -> Outcome:
-        return self.apply(tx, lambda t: tr.fail_compensation(t, position, error, self.clock()))
+        return self.journal.apply(
+            tx, lambda t: tr.fail_compensation(t, position, error, self.clock())
+        )
 
 
 def describe_error(exc: BaseException) -> str:
-    """``Type: message`` and the traceback's last frame, bounded in size."""
+    """``Type: message`` and the traceback's last frame, bounded and storable.
+
+    Never raises: an exception whose ``str()`` fails is still described, and NUL
+    characters (which PostgreSQL text cannot hold) are escaped.
+    """
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not strand the transaction
+        message = "<exception message could not be read>"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"[:_MAX_ERROR_LENGTH]
+    text = f"{type(exc).__name__}: {message}{where}"
+    return text.replace("\x00", "\\x00")[:_MAX_ERROR_LENGTH]
 
 
 def recordable(result: Any) -> Any:
-    """What the journal keeps of an action's return value: itself if JSON, else its repr."""
+    """What the journal keeps of an action's return value.
+
+    Its strict JSON form (tuples become lists, keys strings, so the snapshot
+    returned equals the one journaled) when it has one; otherwise its ``repr``.
+    NaN and infinities are not JSON, and NUL characters do not fit in
+    PostgreSQL: both fall back to the repr too.
+    """
     try:
-        json.dumps(result)
-    except (TypeError, ValueError):
-        return repr(result)[:_MAX_ERROR_LENGTH]
-    return result
+        encoded = json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return _safe_repr(result)
+    if "\\u0000" in encoded:
+        return _safe_repr(result)
+    return json.loads(encoded)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not strand the transaction
+        text = f"<{type(value).__name__} that could not be shown>"
+    return text.replace("\x00", "\\x00")[:_MAX_ERROR_LENGTH]

@@ -50,7 +50,7 @@ def resolve_database_url(database_url: str | URL | None) -> URL:
         url = make_url(raw)
     except sa.exc.ArgumentError as exc:
         raise InvalidArgument(f"not a database URL: {raw!r}") from exc
-    if url.drivername == "postgresql":
+    if url.drivername in ("postgresql", "postgres"):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; celery-tx ships psycopg 3.
         url = url.set(drivername="postgresql+psycopg")
     return url
@@ -62,34 +62,48 @@ def is_memory_sqlite(url: URL) -> bool:
 
 
 def create_journal_engine(url: URL) -> Engine:
-    """An engine configured for the journal's write pattern on ``url``'s database."""
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        engine = _sqlite_engine(url)
-    elif backend == "postgresql":
-        connect_args = {"options": "-c synchronous_commit=off"}
-        engine = sa.create_engine(url, connect_args=connect_args)
-    else:
-        engine = sa.create_engine(url)
-    _forget_connections_in_forked_children(engine)
+    """An engine configured for the journal's write pattern on ``url``'s database.
+
+    ``InvalidArgument`` when the URL names a database or driver that is not
+    installed (``mysql://`` without its driver, ``postgresql+psycopg2://``...).
+    """
+    try:
+        engine = _create_engine(url)
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise InvalidArgument(
+            f"cannot use journal URL {url!r}: {exc} (celery-tx supports SQLite and, "
+            "with the 'postgres' extra, PostgreSQL through psycopg 3)"
+        ) from exc
+    if not is_memory_sqlite(url):  # a child could not reach the parent's memory anyway
+        _ENGINES_TO_FORGET_IN_CHILDREN.add(engine)
     return engine
 
 
-def _forget_connections_in_forked_children(engine: Engine) -> None:
-    """A forked child (a prefork pool worker) opens its own connections.
+def _create_engine(url: URL) -> Engine:
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url)
+    if backend == "postgresql":
+        # Added to the URL's own options (a search_path, say), never replacing them.
+        own = url.query.get("options") or ()
+        options = " ".join([*([own] if isinstance(own, str) else own), "-c synchronous_commit=off"])
+        return sa.create_engine(url, connect_args={"options": options})
+    return sa.create_engine(url)
 
-    Sharing the parent's would interleave two processes' traffic on one socket
-    or file handle. SQLAlchemy's recipe: ``dispose(close=False)`` in the child,
-    which drops the inherited pool without closing what the parent still uses.
-    """
-    reference = weakref.ref(engine)
 
-    def after_in_child() -> None:
-        forked = reference()
-        if forked is not None:
-            forked.dispose(close=False)
+# A forked child (a prefork pool worker) must open its own connections: sharing
+# the parent's would interleave two processes' traffic on one socket or file.
+# SQLAlchemy's recipe is dispose(close=False) in the child, which drops the
+# inherited pool without closing what the parent still uses.
+_ENGINES_TO_FORGET_IN_CHILDREN: weakref.WeakSet[Engine] = weakref.WeakSet()
 
-    os.register_at_fork(after_in_child=after_in_child)
+
+def _forget_connections_in_child() -> None:
+    for engine in list(_ENGINES_TO_FORGET_IN_CHILDREN):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -17,7 +17,10 @@ leave an effect unaccounted for or tell a caller something untrue; see
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -28,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from celery_tx.core.errors import JournalConflict, JournalUnavailable
+from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.store import rows, schema
 from celery_tx.store.engine import (
@@ -41,6 +44,10 @@ from celery_tx.store.engine import (
     resolve_database_url,
 )
 
+logger = logging.getLogger("celery_tx.store")
+
+_FIRST_PAUSE = 0.005
+_MAX_PAUSE = 2.0
 _T = TypeVar("_T")
 _NO_LOCK: AbstractContextManager[object] = nullcontext()
 
@@ -105,13 +112,20 @@ class _Prepared:
 class Journal:
     """Reads and compare-and-set writes of transactions in one SQL database."""
 
-    def __init__(self, database_url: str | URL | None = None) -> None:
+    def __init__(self, database_url: str | URL | None = None, *, patience: float = 30.0) -> None:
         self.url = resolve_database_url(database_url)
+        self.patience = patience
+        """Seconds ``apply`` keeps retrying lost races and an unreachable database."""
         self.engine: Engine = create_journal_engine(self.url)
         # Each connection says what it is for in its execution options (the SQLite
         # BEGIN and instrumentation read them): set once per engine variant here,
         # not on every connection.
         self._reader = self.engine.execution_options(**{WRITE: False, DURABLE: False})
+        if self.engine.dialect.name == "postgresql":
+            # A transaction row and its step rows are two statements: under READ
+            # COMMITTED a write landing between them would show a snapshot that
+            # never existed. SQLite's read transaction is one snapshot already.
+            self._reader = self._reader.execution_options(isolation_level="REPEATABLE READ")
         self._writer = self.engine.execution_options(**{WRITE: True, DURABLE: False})
         self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
         # An in-memory SQLite database is one connection: share it one caller at a time.
@@ -197,6 +211,50 @@ class Journal:
 
         return self._run(statements, write=True, durable=durable)
 
+    def apply(
+        self, tx: Outcome, event: Callable[[Outcome], Outcome], *, durable: bool = False
+    ) -> Outcome:
+        """Write ``event(tx)``; on a lost race, re-read and apply it to the winner's state.
+
+        The event decides whether it still fits: it raises ``TransactionStateError``
+        when another actor moved the transaction on. Lost races are retried with
+        jittered pauses (every loss means another writer progressed), and an
+        unreachable database is retried with growing pauses, both for up to
+        ``patience`` seconds: a short outage must not strand a running transaction.
+        A write that ends the transaction is always durable: a caller must never
+        be told a final status the journal could forget.
+        """
+        deadline = time.monotonic() + self.patience
+        pause = _FIRST_PAUSE
+        while True:
+            after = event(tx)
+            try:
+                return self.save(tx, after, durable=durable or after.is_final)
+            except JournalConflict:
+                tx = self._reload_after_conflict(tx, deadline)
+                time.sleep(random.uniform(0, _FIRST_PAUSE))  # jitter, not crypto
+            except JournalUnavailable as exc:
+                if not exc.transient or time.monotonic() + pause > deadline:
+                    raise
+                logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
+
+    def _reload_after_conflict(self, tx: Outcome, deadline: float) -> Outcome:
+        if time.monotonic() > deadline:
+            raise JournalConflict(f"transaction {tx.id} kept changing for {self.patience}s")
+        fresh = self.load(tx.id)
+        if fresh is None:
+            raise TransactionNotFound(f"transaction {tx.id} vanished from the journal")
+        if fresh.version < tx.version:
+            # The database lost commits it had acknowledged (a crash with
+            # asynchronous commit): acting on the older state could drop work.
+            raise JournalUnavailable(
+                f"the journal went back from version {tx.version} to {fresh.version} "
+                f"of transaction {tx.id}: it lost writes"
+            )
+        return fresh
+
     # -- plumbing ------------------------------------------------------------
 
     def _execute(
@@ -241,7 +299,13 @@ class Journal:
             # A unique key hit by a concurrent writer: the same race the version guards.
             raise JournalConflict(str(exc.orig)) from exc
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise JournalUnavailable(f"the journal database is unavailable: {exc.orig}") from exc
+            raise JournalUnavailable(
+                f"the journal database is unavailable: {exc.orig}", transient=True
+            ) from exc
+        except sa.exc.DBAPIError as exc:
+            # A statement the database refuses leaves the journal as it was; retrying
+            # would not help, but the caller must still get a typed error.
+            raise JournalUnavailable(f"the journal database refused a write: {exc.orig}") from exc
 
     def _ensure_schema(self) -> None:
         with self._schema_lock:
