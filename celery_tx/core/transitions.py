@@ -144,6 +144,12 @@ def begin_compensation(
 
     Steps that never started are SKIPPED now: there is nothing of theirs to undo.
     When no step had started, the transaction is ROLLED_BACK at once.
+
+    "Never started" is read from the snapshot, which is exact while the journal
+    holds every write. After a crash of the database itself, the unflushed step
+    progress may be gone (see ``celery_tx.local.runner``); recovery must then
+    treat the PENDING steps of a RUNNING transaction as possibly started instead
+    of calling this directly.
     """
     _require(tx, T.RUNNING, "compensate")
     tx = _move(tx, T.COMPENSATING, failed_step=failed_step, error=error)
