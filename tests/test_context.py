@@ -85,26 +85,44 @@ def test_retried_compensation_keeps_its_key_and_counts_attempts(database_url: st
 
 
 def test_each_thread_sees_its_own_step(coordinator: TransactionCoordinator) -> None:
-    """Transactions running in parallel threads never see each other's step."""
-    barrier = threading.Barrier(4)
+    """Four transactions committing in parallel threads each see only their own step."""
+    barrier = threading.Barrier(4, timeout=30)
+    lock = threading.Lock()
+    checked: list[str] = []
     mismatches: list[str] = []
+    outcomes: dict[str, TxStatus] = {}
+    errors: list[BaseException] = []
 
     def run(name: str) -> None:
         def action() -> None:
             barrier.wait()
-            if current_step().step != name:
-                mismatches.append(name)
+            seen = current_step().step
+            with lock:
+                checked.append(name)
+                if seen != name:
+                    mismatches.append(f"{name} saw {seen}")
 
-        tx_id = coordinator.begin_transaction()
-        coordinator.register_participant(tx_id, name, action, lambda: None)
-        coordinator.commit_transaction(tx_id)
+        try:
+            tx_id = coordinator.begin_transaction()
+            coordinator.register_participant(tx_id, name, action, lambda: None)
+            outcome = coordinator.commit_transaction(tx_id)
+        except BaseException as exc:  # a thread's exception would otherwise be lost
+            with lock:
+                errors.append(exc)
+            raise
+        with lock:
+            outcomes[name] = outcome.status
 
-    threads = [threading.Thread(target=run, args=(f"s{i}",)) for i in range(4)]
+    names = [f"s{i}" for i in range(4)]
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
+    assert sorted(checked) == names
     assert mismatches == []
+    assert outcomes == dict.fromkeys(names, TxStatus.COMMITTED)
 
 
 def _fail() -> None:

@@ -3,9 +3,9 @@
 Durability is chosen per write transaction (see ``celery_tx.store.journal``):
 - SQLite runs in WAL mode. A write is committed with ``synchronous=NORMAL`` (no
   fsync: it survives the crash of any process, not a power loss) unless it is
-  durable, in which case ``synchronous=FULL`` is set *before* ``BEGIN`` (set
-  inside the transaction, SQLite ignores it for that commit, measured with
-  strace). Writers take the lock at ``BEGIN IMMEDIATE`` so two writers never
+  durable, in which case ``synchronous=FULL`` is set *before* ``BEGIN`` (SQLite
+  refuses to change it inside a transaction; strace shows one fsync per durable
+  commit). Writers take the lock at ``BEGIN IMMEDIATE`` so two writers never
   deadlock upgrading a read lock. The journal's connections say which they are
   in their execution options (``WRITE``, ``DURABLE``); ``prepare_begin`` hands
   that to the dialect's BEGIN, which this module replaces.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,24 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
 
+class SQLiteJSONText(sa.TypeDecorator[Any]):
+    """JSON kept as TEXT on SQLite.
+
+    SQLite gives a column declared ``JSON`` NUMERIC affinity, which turns a
+    top-level number's text such as ``18446744073709551617`` into a lossy REAL.
+    TEXT affinity keeps the JSON text as written.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else json.loads(value)
+
+
 metadata = sa.MetaData()
 
 transactions = sa.Table(
@@ -78,7 +97,7 @@ steps = sa.Table(
     sa.Column("retry", sa.JSON),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("compensation_attempts", sa.Integer, nullable=False),
-    sa.Column("result", sa.JSON(none_as_null=True)),
+    sa.Column("result", sa.JSON(none_as_null=True).with_variant(SQLiteJSONText(), "sqlite")),
     sa.Column("error", sa.Text),
     sa.Column("compensation_error", sa.Text),
     sa.Column("started_at", UTCDateTime),
