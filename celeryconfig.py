@@ -1,0 +1,59 @@
+"""Celery configuration for celery-tx apps, read from the environment.
+
+- ``CELERY_BROKER_URL``: the broker (``redis://127.0.0.1:6379/0``,
+  ``amqp://guest:guest@127.0.0.1:5672//``). Unset: the embedded default, kombu's
+  filesystem transport in ``$CELERY_TX_DATA_DIR/broker`` (``./.celery_tx`` by
+  default), which needs no server and works across processes on one machine.
+- ``CELERY_RESULT_BACKEND``: where task results go. Unset: none; celery-tx waits
+  on its own journal, not on task results.
+- ``CELERY_TX_DATABASE_URL``: the celery-tx journal. Unset: a SQLite file in
+  ``$CELERY_TX_DATA_DIR``.
+
+Use it with ``app.config_from_object("celeryconfig")``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_data_dir = Path(os.environ.get("CELERY_TX_DATA_DIR", ".celery_tx")).resolve()
+
+broker_url = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
+celery_tx_database_url = os.environ.get("CELERY_TX_DATABASE_URL") or (
+    f"sqlite:///{_data_dir / 'journal.sqlite3'}"
+)
+
+if broker_url.startswith("filesystem://"):
+    _queue, _processed, _control = (
+        _data_dir / "broker" / d for d in ("queue", "processed", "control")
+    )
+    for _folder in (_queue, _processed, _control):
+        _folder.mkdir(parents=True, exist_ok=True)
+    broker_transport_options = {
+        "data_folder_in": str(_queue),
+        "data_folder_out": str(_queue),
+        "processed_folder": str(_processed),
+        "store_processed": False,
+        "control_folder": str(_control),
+    }
+else:
+    # Redis redelivers an unacknowledged message only after this many seconds;
+    # it must exceed the longest step, and be the same for every client.
+    broker_transport_options = {"visibility_timeout": 3600}
+
+# JSON only: a broker message must never be able to run pickled code.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# A step is acknowledged only after it ran, and redelivered if its worker died,
+# so a crash never loses a step; one message at a time per process suits late acks.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# Flower and `celery events` see every step of every transaction.
+worker_send_task_events = True
+task_send_sent_event = True
