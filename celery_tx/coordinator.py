@@ -146,9 +146,9 @@ class TransactionCoordinator:
         snapshot = self._snapshot(tx_id)  # TransactionNotFound before anything is held
         # Stored before the journal write, so a commit racing in from another
         # thread finds the callables as soon as the step is journaled.
-        with self._lock:
+        with self._lock:  # one step with the cleanup below: no refused call empties it
             calls = self._calls.setdefault(tx_id, {})
-        calls[token] = LocalCall(commit_function, rollback_function)
+            calls[token] = LocalCall(commit_function, rollback_function)
         try:
             self._remember(self._journal.apply(snapshot, lambda tx: tr.add_step(tx, step)))
         except BaseException:
@@ -265,11 +265,20 @@ def _check_text(what: str, value: object) -> None:
         or not value.strip()
         or len(value) > _MAX_NAME_LENGTH
         or "\x00" in value
+        or not _encodable(value)
     ):
         raise InvalidArgument(
             f"{what} must be a non-empty string of at most 200 characters "
             f"without NUL, got {value!r}"
         )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from an OS-supplied name
+        return False
+    return True
 
 
 def _deadline(now: datetime, timeout: object) -> datetime:

@@ -90,8 +90,13 @@ class LocalRunner:
                 with running_step(self._context(tx, position, "action")):
                     results[position] = call.action()
             except BaseException as exc:  # re-raised once compensated
-                tx = self._fail_action(tx, position, exc)
                 interrupt = None if isinstance(exc, Exception) else exc
+                try:
+                    tx = self._fail_action(tx, position, exc)
+                except Exception as journal_error:
+                    if interrupt is not None:  # the interrupt stays what the caller sees
+                        raise interrupt from journal_error
+                    raise
                 break
             tx = self.journal.apply(tx, self._advance(position, recordable(results[position])))
         else:
@@ -192,7 +197,10 @@ class LocalRunner:
                         error,
                         extra=extra,
                     )
-                    self.sleep(policy.delay_after(attempt))
+                    try:
+                        self.sleep(policy.delay_after(attempt))
+                    except BaseException as stop:  # interrupted while waiting: give up this one
+                        return self._give_up(tx, position, error), stop
                     continue
                 logger.error(
                     "compensation of %r gave up after %d attempts: %s",
@@ -225,8 +233,7 @@ def describe_error(exc: BaseException) -> str:
         message = "<exception message could not be read>"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    text = f"{type(exc).__name__}: {message}{where}"
-    return text.replace("\x00", "\\x00")[:_MAX_ERROR_LENGTH]
+    return _storable(f"{type(exc).__name__}: {message}{where}")
 
 
 def recordable(result: Any) -> Any:
@@ -234,16 +241,12 @@ def recordable(result: Any) -> Any:
 
     Its strict JSON form (tuples become lists, keys strings, so the snapshot
     returned equals the one journaled) when it has one; otherwise its ``repr``.
-    NaN and infinities are not JSON, and NUL characters do not fit in
-    PostgreSQL: both fall back to the repr too.
+    NaN and infinities are not JSON: they fall back to the repr too.
     """
     try:
-        encoded = json.dumps(result, allow_nan=False)
+        return json.loads(json.dumps(result, allow_nan=False))
     except (TypeError, ValueError, RecursionError):
         return _safe_repr(result)
-    if "\\u0000" in encoded:
-        return _safe_repr(result)
-    return json.loads(encoded)
 
 
 def _safe_repr(value: Any) -> str:
@@ -251,4 +254,12 @@ def _safe_repr(value: Any) -> str:
         text = repr(value)
     except Exception:  # a broken __repr__ must not strand the transaction
         text = f"<{type(value).__name__} that could not be shown>"
-    return text.replace("\x00", "\\x00")[:_MAX_ERROR_LENGTH]
+    return _storable(text)
+
+
+def _storable(text: str) -> str:
+    """``text`` as any database stores it: no NUL (PostgreSQL text refuses it), no
+    lone surrogates (from OS-supplied names; no UTF-8 encoder takes them), bounded.
+    """
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:_MAX_ERROR_LENGTH]

@@ -48,7 +48,7 @@ def resolve_database_url(database_url: str | URL | None) -> URL:
     raw = database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
     try:
         url = make_url(raw)
-    except sa.exc.ArgumentError as exc:
+    except (sa.exc.ArgumentError, ValueError) as exc:
         raise InvalidArgument(f"not a database URL: {raw!r}") from exc
     if url.drivername in ("postgresql", "postgres"):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; celery-tx ships psycopg 3.
@@ -86,8 +86,11 @@ def _create_engine(url: URL) -> Engine:
     if backend == "postgresql":
         # Added to the URL's own options (a search_path, say), never replacing them.
         own = url.query.get("options") or ()
-        options = " ".join([*([own] if isinstance(own, str) else own), "-c synchronous_commit=off"])
-        return sa.create_engine(url, connect_args={"options": options})
+        own_options = [own] if isinstance(own, str) else list(own)
+        if not any("synchronous_commit" in option for option in own_options):
+            # A user who set synchronous_commit chose every write's durability.
+            own_options.append("-c synchronous_commit=off")
+        return sa.create_engine(url, connect_args={"options": " ".join(own_options)})
     return sa.create_engine(url)
 
 

@@ -226,34 +226,55 @@ class Journal:
         """
         deadline = time.monotonic() + self.patience
         pause = _FIRST_PAUSE
+        # Writes whose COMMIT may have landed although we saw an error (the
+        # connection dropped before the acknowledgement): recognised on reload,
+        # so the event is never applied twice.
+        maybe_landed: list[Outcome] = []
         while True:
             after = event(tx)
             try:
                 return self.save(tx, after, durable=durable or after.is_final)
             except JournalConflict:
-                tx = self._reload_after_conflict(tx, deadline)
-                time.sleep(random.uniform(0, _FIRST_PAUSE))  # jitter, not crypto
+                pass
             except JournalUnavailable as exc:
                 if not exc.transient or time.monotonic() + pause > deadline:
                     raise
+                maybe_landed.append(after)
                 logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
                 time.sleep(pause)
                 pause = min(pause * 2, _MAX_PAUSE)
+                continue  # if it landed, this retry's compare-and-set fails and we reload
+            fresh = self._reload(tx, deadline)
+            if fresh.version == tx.version + 1 and fresh in maybe_landed:
+                return fresh  # our own write after all
+            maybe_landed.clear()
+            tx = fresh
+            time.sleep(random.uniform(0, _FIRST_PAUSE))  # jitter, not crypto
 
-    def _reload_after_conflict(self, tx: Outcome, deadline: float) -> Outcome:
-        if time.monotonic() > deadline:
-            raise JournalConflict(f"transaction {tx.id} kept changing for {self.patience}s")
-        fresh = self.load(tx.id)
-        if fresh is None:
-            raise TransactionNotFound(f"transaction {tx.id} vanished from the journal")
-        if fresh.version < tx.version:
-            # The database lost commits it had acknowledged (a crash with
-            # asynchronous commit): acting on the older state could drop work.
-            raise JournalUnavailable(
-                f"the journal went back from version {tx.version} to {fresh.version} "
-                f"of transaction {tx.id}: it lost writes"
-            )
-        return fresh
+    def _reload(self, tx: Outcome, deadline: float) -> Outcome:
+        """The journaled state after a lost race, retrying a briefly unreachable database."""
+        pause = _FIRST_PAUSE
+        while True:
+            if time.monotonic() > deadline:
+                raise JournalConflict(f"transaction {tx.id} kept changing for {self.patience}s")
+            try:
+                fresh = self.load(tx.id)
+            except JournalUnavailable as exc:
+                if not exc.transient or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
+                continue
+            if fresh is None:
+                raise TransactionNotFound(f"transaction {tx.id} vanished from the journal")
+            if fresh.version < tx.version:
+                # The database lost commits it had acknowledged (a crash with
+                # asynchronous commit): acting on the older state could drop work.
+                raise JournalUnavailable(
+                    f"the journal went back from version {tx.version} to {fresh.version} "
+                    f"of transaction {tx.id}: it lost writes"
+                )
+            return fresh
 
     # -- plumbing ------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class SQLiteJSONText(sa.TypeDecorator[Any]):
         return None if value is None else json.dumps(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return None if value is None else json.loads(value)
+        # Rows written while the column was declared JSON may hold a number.
+        return json.loads(value) if isinstance(value, str) else value
 
 
 metadata = sa.MetaData()
