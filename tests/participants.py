@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,3 +71,9 @@ def append_line(path: str, line: str) -> None:
 def fail_with(message: str) -> None:
     """An importable participant that always fails."""
     raise Boom(message)
+
+
+def append_line_slowly(path: str, line: str, seconds: float) -> None:
+    """An importable participant: append a line, then take a while (a window to crash in)."""
+    append_line(path, line)
+    time.sleep(seconds)
