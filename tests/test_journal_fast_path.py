@@ -28,7 +28,7 @@ from celery_tx import RetryPolicy
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.store import Journal, rows, schema
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import scratch_postgres_database
 
 _t = schema.transactions
 _s = schema.steps
@@ -194,19 +194,9 @@ def reference_url(database_url: str, tmp_path: Path) -> Iterator[str]:
         create_tables(url)
         yield url
         return
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"celery_tx_reference_{os.getpid()}"
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        url = sa.make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    with scratch_postgres_database(f"celery_tx_reference_{os.getpid()}") as url:
         create_tables(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def create_tables(url: str) -> None:
