@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from celery_tx import (
     InvalidArgument,
+    InvalidParticipant,
     JournalUnavailable,
     StepStatus,
     TransactionCoordinator,
@@ -406,3 +407,15 @@ def test_a_users_own_synchronous_commit_wins(postgres_url: str) -> None:
     with journal.engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
     journal.close()
+
+
+def test_a_celery_signature_is_refused_not_run_in_process(
+    coordinator: TransactionCoordinator,
+) -> None:
+    """A Celery signature is refused at registration instead of being called in this process."""
+    from tests.apps.embedded import touch
+
+    tx_id = coordinator.begin_transaction()
+    with pytest.raises(InvalidParticipant, match="signature"):
+        coordinator.register_participant(tx_id, "a", touch.s("/nonexistent", "x"), print)
+    assert coordinator.get_transaction(tx_id).steps == ()

@@ -15,6 +15,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from celery.canvas import Signature
+
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
 
 KIND = "callable"
@@ -22,6 +24,13 @@ KIND = "callable"
 
 def describe(function: object, *, role: str) -> dict[str, Any]:
     """The JSON description of ``function``; ``role`` names it in errors."""
+    if isinstance(function, Signature):
+        # A signature is callable, but calling it would run the task right here,
+        # in this process, not on a worker: refuse it rather than surprise anyone.
+        raise InvalidParticipant(
+            f"{role} is a Celery signature ({function!r}); this release runs plain "
+            "callables in-process, and Celery task participants need the Celery driver"
+        )
     if not callable(function):
         raise InvalidParticipant(f"{role} must be callable, got {function!r}")
     description: dict[str, Any] = {"kind": KIND, "repr": repr(function)[:200], "ref": None}
