@@ -52,8 +52,9 @@ class NoCurrentStep(CeleryTxError, RuntimeError):
 class JournalConflict(CeleryTxError):
     """Raised when a journal write lost a compare-and-set race.
 
-    The caller re-reads the transaction and decides again; it never surfaces from
-    the public API except as the error the re-read decision produces.
+    The journal re-reads the transaction and applies the change again to the
+    winner's state; it surfaces from the public API only when the transaction
+    kept changing under the call for the journal's whole patience (30 s).
     """
 
 

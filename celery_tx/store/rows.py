@@ -60,24 +60,24 @@ def tx_changes(before: Outcome, after: Outcome) -> dict[str, Any]:
 
 def step_to_row(tx_id: uuid.UUID, step: StepOutcome) -> dict[str, Any]:
     """The full step row for an insert."""
-    row = step_update_row(tx_id, step)
-    row.update(
-        tx_id=tx_id,
-        position=step.position,
-        name=step.name,
-        action=step.action,
-        compensation=step.compensation,
-        retry=step.retry.to_json() if step.retry else None,
-    )
-    del row["b_tx_id"], row["b_position"]
-    return row
+    return {
+        **_mutable_columns(step),
+        "tx_id": tx_id,
+        "position": step.position,
+        "name": step.name,
+        "action": step.action,
+        "compensation": step.compensation,
+        "retry": step.retry.to_json() if step.retry else None,
+    }
 
 
 def step_update_row(tx_id: uuid.UUID, step: StepOutcome) -> dict[str, Any]:
     """Parameters of the executemany UPDATE of a step's mutable columns."""
-    row = {column: getattr(step, column) for column in STEP_MUTABLE_COLUMNS}
-    row.update(b_tx_id=tx_id, b_position=step.position)
-    return row
+    return {**_mutable_columns(step), "b_tx_id": tx_id, "b_position": step.position}
+
+
+def _mutable_columns(step: StepOutcome) -> dict[str, Any]:
+    return {column: getattr(step, column) for column in STEP_MUTABLE_COLUMNS}
 
 
 def tx_from_rows(row: RowMapping, step_rows: Sequence[RowMapping]) -> Outcome:
