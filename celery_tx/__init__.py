@@ -6,6 +6,7 @@ The whole public API is importable from here.
 from celery_tx.context import StepContext, current_step
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.errors import (
+    BrokerUnavailable,
     CeleryTxError,
     DuplicateParticipant,
     InvalidArgument,
@@ -22,12 +23,18 @@ from celery_tx.core.errors import (
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver.task import ParticipantTask, participant
+from celery_tx.handles import CommitHandle
 
 __version__ = "0.1.0"
 
 __all__ = [
     # the coordinator
     "TransactionCoordinator",
+    "CommitHandle",
+    # participants as Celery tasks
+    "participant",
+    "ParticipantTask",
     # inside a participant
     "current_step",
     "StepContext",
@@ -50,4 +57,5 @@ __all__ = [
     "JournalUnavailable",
     "SchemaVersionError",
     "NoCurrentStep",
+    "BrokerUnavailable",
 ]

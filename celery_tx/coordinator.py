@@ -8,19 +8,27 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery.canvas import Signature
 from sqlalchemy.engine import URL
 
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import (
+    BrokerUnavailable,
     InvalidArgument,
+    InvalidParticipant,
+    ParticipantNotResolvable,
     TransactionNotFound,
+    TransactionStateError,
 )
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver import binding, dispatch, messages
+from celery_tx.handles import CommitHandle
 from celery_tx.ids import parse_tx_id
 from celery_tx.local import callables
 from celery_tx.local.runner import LocalCall, LocalRunner
@@ -43,10 +51,17 @@ def _utcnow() -> datetime:
 class TransactionCoordinator:
     """Runs distributed transactions whose every state change is journaled in SQL.
 
-    ``database_url`` is the journal; without it ``CELERY_TX_DATABASE_URL`` is read,
-    else a SQLite file ``celery_tx.sqlite3`` in the working directory is used.
-    ``rollback_retry`` is the default policy for retrying a rollback function that
-    raises. ``clock`` and ``sleep`` exist for tests that must not wait.
+    Participants are Celery tasks declared with ``@participant`` (pass ``app``),
+    or plain callables run in the calling process.
+
+    ``database_url`` is the journal; without it the app's
+    ``celery_tx_database_url`` setting (with ``app``), then
+    ``CELERY_TX_DATABASE_URL`` is read, else a SQLite file ``celery_tx.sqlite3``
+    in the working directory is used. With ``app``, constructing the coordinator
+    is all a worker needs: the app's participant tasks journal to the same
+    database. ``rollback_retry`` is the default policy for retrying an
+    in-process rollback function that raises. ``clock`` and ``sleep`` exist for
+    tests that must not wait.
 
     Every method is safe to call from many threads, and several coordinators in
     several processes may share one journal: each journal write is a
@@ -57,11 +72,18 @@ class TransactionCoordinator:
         self,
         database_url: str | URL | None = None,
         *,
+        app: Any = None,
         rollback_retry: RetryPolicy | None = None,
         clock: Callable[[], datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._journal = Journal(database_url)
+        if app is not None and not hasattr(app, "send_task"):
+            raise InvalidArgument(f"app must be a Celery app, got {app!r}")
+        self.app = app
+        """The Celery app whose workers run task participants (None: in-process only)."""
+        self._journal = (
+            binding.journal_for(app, database_url) if app is not None else Journal(database_url)
+        )
         self._clock = clock
         self._runner = LocalRunner(
             self._journal, clock=clock, sleep=sleep, retry=rollback_retry or RetryPolicy()
@@ -113,23 +135,78 @@ class TransactionCoordinator:
         self,
         tx_id: uuid.UUID | str,
         service_name: str,
-        commit_function: Callable[[], Any],
-        rollback_function: Callable[[], Any],
+        commit_function: Signature | Callable[[], Any],
+        rollback_function: Signature | Callable[[], Any] | None = None,
         *,
         rollback_retry: RetryPolicy | None = None,
     ) -> None:
         """Add a participant to a PENDING transaction.
 
-        ``commit_function`` is its action and ``rollback_function`` undoes it; both
-        are called without arguments. Importable functions (and partials of them
-        with JSON arguments) can also be run by other processes sharing the
-        journal; lambdas and closures only by this coordinator. ``rollback_retry``
-        overrides the coordinator's policy for this participant.
+        Either Celery signatures of participant tasks (``charge.s("o-1", 500)``):
+        without ``rollback_function`` the action's declared compensation is
+        called with the same arguments. Or plain callables, called without
+        arguments in the committing process: importable functions (and partials
+        of them with JSON arguments) can be committed by any process sharing the
+        journal, lambdas and closures only by this coordinator. One transaction
+        holds one kind. ``rollback_retry`` overrides how a failing rollback is
+        retried for this participant.
         """
         tx_id = parse_tx_id(tx_id)
         _check_service_name(service_name)
         if rollback_retry is not None and not isinstance(rollback_retry, RetryPolicy):
             raise InvalidArgument(f"rollback_retry must be a RetryPolicy, got {rollback_retry!r}")
+        if isinstance(commit_function, Signature) or isinstance(rollback_function, Signature):
+            self._register_task(
+                tx_id, service_name, commit_function, rollback_function, rollback_retry
+            )
+        else:
+            self._register_callable(
+                tx_id, service_name, commit_function, rollback_function, rollback_retry
+            )
+        logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
+
+    def _register_task(
+        self,
+        tx_id: uuid.UUID,
+        service_name: str,
+        commit_function: object,
+        rollback_function: object,
+        rollback_retry: RetryPolicy | None,
+    ) -> None:
+        if not isinstance(commit_function, Signature):
+            raise InvalidParticipant(
+                "commit_function is a plain callable but rollback_function a Celery "
+                "signature; a participant is two participant tasks or two callables"
+            )
+        action = messages.describe(commit_function, role="action", what="commit_function")
+        compensation = (
+            messages.paired_compensation(action, "commit_function")
+            if rollback_function is None
+            else messages.describe(rollback_function, role="compensation", what="rollback_function")
+        )
+        step = StepOutcome(
+            position=0,
+            name=service_name,
+            status=StepStatus.PENDING,
+            action=action,
+            compensation=compensation,
+            retry=rollback_retry,
+        )
+        self._remember(self._journal.apply(self._snapshot(tx_id), _adding(step)))
+
+    def _register_callable(
+        self,
+        tx_id: uuid.UUID,
+        service_name: str,
+        commit_function: Callable[[], Any],
+        rollback_function: Callable[[], Any] | None,
+        rollback_retry: RetryPolicy | None,
+    ) -> None:
+        if rollback_function is None:
+            raise InvalidParticipant(
+                "rollback_function is required with a plain callable; only a participant "
+                "task's signature brings its declared compensation"
+            )
         # The token ties the journaled step to the callables held here. Of threads
         # racing to register one name, only the journal's winner's token is looked
         # up later, and each loser removes only its own entry.
@@ -150,26 +227,58 @@ class TransactionCoordinator:
             calls = self._calls.setdefault(tx_id, {})
             calls[token] = LocalCall(commit_function, rollback_function)
         try:
-            self._remember(self._journal.apply(snapshot, lambda tx: tr.add_step(tx, step)))
+            self._remember(self._journal.apply(snapshot, _adding(step)))
         except BaseException:
             with self._lock:
                 calls.pop(token, None)
                 if not calls and self._calls.get(tx_id) is calls:
                     del self._calls[tx_id]
             raise
-        logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
 
-    def commit_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
-        """Run the actions in registration order; on a failure, roll back.
+    def commit_transaction(self, tx_id: uuid.UUID | str, timeout: float | None = None) -> Outcome:
+        """Run the actions in registration order and return the final outcome.
 
-        Returns the final outcome: COMMITTED, or ROLLED_BACK / FAILED when an action
-        raised (a participant's failure is an outcome, not an exception).
+        On a failure the started steps are compensated, newest first: the outcome
+        is then ROLLED_BACK, or FAILED when a compensation gave up (a
+        participant's failure is an outcome, not an exception). Blocks until the
+        transaction is final; ``TimeoutError`` when ``timeout`` seconds pass
+        first, while the transaction goes on.
         """
         tx_id = parse_tx_id(tx_id)
+        _check_timeout(timeout)
+        snapshot = self._snapshot(tx_id)
+        if timeout is None and not _is_celery(snapshot):
+            return self._commit_here(snapshot)  # no thread needed to wait for it
+        return self.commit_transaction_async(tx_id).wait(timeout)
+
+    def commit_transaction_async(self, tx_id: uuid.UUID | str) -> CommitHandle:
+        """Start the commit and return at once with a handle to wait on.
+
+        Refusals (unknown id, not PENDING, a participant that cannot run) are
+        raised here; the handle's ``wait`` returns the final outcome.
+        """
+        tx_id = parse_tx_id(tx_id)
+        snapshot = self._snapshot(tx_id)
+        if _is_celery(snapshot):
+            self._send(snapshot)
+            return CommitHandle(tx_id, self._journal)
+        tr.require_pending(snapshot, "commit")  # refused now, not when waited on
+        run: Future[Outcome] = Future()
+        thread = threading.Thread(
+            target=_settle, args=(run, self._commit_here, snapshot), daemon=True
+        )
+        thread.start()
+        return CommitHandle(tx_id, self._journal, run)
+
+    def _commit_here(self, snapshot: Outcome) -> Outcome:
+        """Run an in-process transaction's participants in this thread."""
+        tx_id = snapshot.id
         calls: list[LocalCall] = []
 
         def start(tx: Outcome) -> Outcome:
             tr.require_pending(tx, "commit")
+            if _is_celery(tx):  # registered from elsewhere since the snapshot
+                raise InvalidParticipant(f"transaction {tx_id} holds Celery tasks now")
             # Resolved for the very snapshot being started (a reload after a lost
             # race may hold more steps); a step nobody can run stops it here,
             # before anything is journaled.
@@ -182,7 +291,7 @@ class TransactionCoordinator:
 
         # Durable: before the first action can have an effect, the journal must
         # hold the transaction, its participants and the fact that it runs.
-        tx = self._journal.apply(self._snapshot(tx_id), start, durable=True)
+        tx = self._journal.apply(snapshot, start, durable=True)
         logger.info("transaction committing", extra=tx_extra(tx_id))
         if tx.status is TxStatus.RUNNING:
             tx = self._runner.run_actions(tx, calls)
@@ -190,6 +299,55 @@ class TransactionCoordinator:
         # callables are what a later retry in this process would need.
         self._remember(tx)
         return tx
+
+    def _send(self, snapshot: Outcome) -> None:
+        """Journal a Celery transaction RUNNING and send its chain of actions."""
+        app = self.app
+        if app is None:
+            raise ParticipantNotResolvable(
+                f"transaction {snapshot.id} has Celery task participants: commit it with "
+                "TransactionCoordinator(app=...)"
+            )
+        signatures: list[Signature] = []
+
+        def start(tx: Outcome) -> Outcome:
+            tr.require_pending(tx, "commit")
+            # Built for the very snapshot started: a step naming a task that is
+            # not a participant here stops the commit before anything is journaled.
+            signatures[:] = dispatch.action_signatures(app, tx)
+            return tr.start_commit(tx, self._clock())
+
+        # Durable: the workers' effects may begin as soon as the chain is sent.
+        tx = self._journal.apply(snapshot, start, durable=True)
+        self._forget(tx.id)  # the workers move it on from here
+        if tx.status is not TxStatus.RUNNING:
+            return  # nothing to run: committed already
+        try:
+            dispatch.send_actions(app, tx, signatures)
+        except Exception as exc:
+            self._unsent(tx, exc)
+        logger.info("transaction committing", extra=tx_extra(tx.id))
+
+    def _unsent(self, tx: Outcome, exc: Exception) -> None:
+        """The chain could not be sent: roll back what (nothing, unless a worker got it) ran."""
+        error = f"the broker refused the transaction's first task: {exc!r}"
+        logger.error("%s", error, extra=tx_extra(tx.id))
+
+        def abort(current: Outcome) -> Outcome:
+            return tr.begin_compensation(current, self._clock(), failed_step=None, error=error)
+
+        try:
+            tx = self._journal.apply(tx, abort)
+        except TransactionStateError:
+            tx = self._load(tx.id)  # a worker got the message after all and moved it on
+        if tx.status is TxStatus.COMPENSATING:
+            try:  # a step did start; if the broker is still down, the sweep finishes it
+                dispatch.send_compensations(self.app, self._journal, tx)
+            except Exception:
+                logger.exception("could not send compensations", extra=tx_extra(tx.id))
+        raise BrokerUnavailable(
+            f"could not send transaction {tx.id} to the broker ({exc!r}); it is {tx.status}"
+        ) from exc
 
     def rollback_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """End a PENDING transaction ROLLED_BACK, every step SKIPPED.
@@ -247,6 +405,42 @@ class TransactionCoordinator:
         if registered is not None:
             return registered
         return LocalCall(callables.resolve(step.action), callables.resolve(step.compensation))
+
+
+def _adding(step: StepOutcome) -> Callable[[Outcome], Outcome]:
+    """The journal event that appends ``step``, refusing to mix participant kinds."""
+
+    def event(tx: Outcome) -> Outcome:
+        if tx.steps and _is_celery(tx) != messages.is_celery_step(step.action):
+            raise InvalidParticipant(
+                f"transaction {tx.id} holds "
+                + ("Celery tasks" if _is_celery(tx) else "plain callables")
+                + "; one transaction cannot mix callables and Celery signatures"
+            )
+        return tr.add_step(tx, step)
+
+    return event
+
+
+def _is_celery(tx: Outcome) -> bool:
+    return bool(tx.steps) and messages.is_celery_step(tx.steps[0].action)
+
+
+def _settle(run: Future[Outcome], commit: Callable[[Outcome], Outcome], tx: Outcome) -> None:
+    """Run ``commit(tx)`` in a helper thread and hand its result or error to ``run``."""
+    try:
+        run.set_result(commit(tx))
+    except BaseException as exc:  # handed to whoever waits; the thread ends quietly
+        run.set_exception(exc)
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
 
 
 def _check_name(name: object) -> None:

@@ -88,3 +88,44 @@ def coordinator(database_url: str) -> Iterator[TransactionCoordinator]:
     """A coordinator on a clean journal, retrying compensations without delay."""
     with TransactionCoordinator(database_url, rollback_retry=FAST_RETRY) as coordinator:
         yield coordinator
+
+
+# -- Celery ------------------------------------------------------------------
+# pytest-celery 1.x's own `celery_worker` fixture starts Docker containers, and
+# these machines have no Docker engine. Celery's fixtures in celery.contrib.pytest
+# (which pytest-celery's plugin used to provide) run a worker in a thread of the
+# test process instead, so they are imported here under their usual names; the
+# tests that need real `celery worker` processes start them as subprocesses.
+from celery.contrib.pytest import celery_app, celery_worker  # noqa: E402, F401
+
+from tests.stacks import STACKS, Stack, make_stack  # noqa: E402
+
+
+def _marks(name: str) -> list[pytest.MarkDecorator]:
+    return [] if name == "embedded" else [pytest.mark.postgres, pytest.mark.celery_servers]
+
+
+@pytest.fixture(params=[pytest.param(name, marks=_marks(name)) for name in STACKS])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """Each setup in turn: embedded, Redis + PostgreSQL, RabbitMQ + PostgreSQL."""
+    stack = make_stack(request, request.param, tmp_path)
+    yield stack
+    stack.clean_broker()
+
+
+@pytest.fixture
+def celery_config(stack: Stack) -> dict[str, object]:
+    """The test app's settings: the stack's servers with the project's safe defaults."""
+    return stack.celery_config()
+
+
+@pytest.fixture
+def celery_worker_parameters() -> dict[str, object]:
+    """The thread worker: no ping task needed, time to finish what it runs."""
+    return {"perform_ping_check": False, "shutdown_timeout": 30}
+
+
+@pytest.fixture
+def celery_includes() -> list[str]:
+    """The participant tasks every Celery test's worker knows."""
+    return ["tests.apps.tasks"]

@@ -41,6 +41,10 @@ PUBLIC = {
     "NoCurrentStep",
     "current_step",
     "StepContext",
+    "participant",
+    "ParticipantTask",
+    "CommitHandle",
+    "BrokerUnavailable",
 }
 
 
@@ -90,3 +94,26 @@ def test_outcome_is_a_frozen_snapshot() -> None:
         "created_at",
         "finished_at",
     } <= {f.name for f in dataclasses.fields(Outcome)}
+
+
+def test_coordinator_signatures_keep_the_issue_names() -> None:
+    """Acceptance tests call these by keyword: the names must not drift."""
+    coordinator = celery_tx.TransactionCoordinator
+    assert list(inspect.signature(coordinator.register_participant).parameters)[:5] == [
+        "self",
+        "tx_id",
+        "service_name",
+        "commit_function",
+        "rollback_function",
+    ]
+    assert inspect.signature(coordinator.register_participant).parameters[
+        "rollback_function"
+    ].default is None
+    assert list(inspect.signature(coordinator.commit_transaction).parameters) == [
+        "self",
+        "tx_id",
+        "timeout",
+    ]
+    assert "app" in inspect.signature(coordinator).parameters
+    for name in ("id", "status", "ready", "wait"):
+        assert hasattr(celery_tx.CommitHandle, name)

@@ -409,13 +409,13 @@ def test_a_users_own_synchronous_commit_wins(postgres_url: str) -> None:
     journal.close()
 
 
-def test_a_celery_signature_is_refused_not_run_in_process(
+def test_a_plain_celery_task_is_refused_not_run_in_process(
     coordinator: TransactionCoordinator,
 ) -> None:
-    """A Celery signature is refused at registration instead of being called in this process."""
+    """A signature of a task that is not a participant is refused at registration."""
     from tests.apps.embedded import touch
 
     tx_id = coordinator.begin_transaction()
-    with pytest.raises(InvalidParticipant, match="signature"):
+    with pytest.raises(InvalidParticipant, match="not a celery-tx action task"):
         coordinator.register_participant(tx_id, "a", touch.s("/nonexistent", "x"), print)
     assert coordinator.get_transaction(tx_id).steps == ()

@@ -69,3 +69,11 @@ class JournalUnavailable(CeleryTxError):
 
 class SchemaVersionError(CeleryTxError):
     """Raised when the journal was created by a newer celery-tx than this one."""
+
+
+class BrokerUnavailable(CeleryTxError):
+    """Raised when a commit could not send its first task to the Celery broker.
+
+    The transaction is then rolled back before any step ran (its outcome says
+    so), or, if a step did start, left for the recovery sweep to finish.
+    """

@@ -26,10 +26,8 @@ run over a thousand four-step transactions a second.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,12 +38,11 @@ from celery_tx.core import transitions as tr
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
+from celery_tx.core.values import describe_error, recordable
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.local")
-
-_MAX_ERROR_LENGTH = 4000
 
 
 @dataclass(frozen=True)
@@ -219,47 +216,3 @@ class LocalRunner:
         return self.journal.apply(
             tx, lambda t: tr.fail_compensation(t, position, error, self.clock())
         )
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` and the traceback's last frame, bounded and storable.
-
-    Never raises: an exception whose ``str()`` fails is still described, and NUL
-    characters (which PostgreSQL text cannot hold) are escaped.
-    """
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not strand the transaction
-        message = "<exception message could not be read>"
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return _storable(f"{type(exc).__name__}: {message}{where}")
-
-
-def recordable(result: Any) -> Any:
-    """What the journal keeps of an action's return value.
-
-    Its strict JSON form (tuples become lists, keys strings, so the snapshot
-    returned equals the one journaled) when it has one; otherwise its ``repr``.
-    NaN and infinities are not JSON: they fall back to the repr too.
-    """
-    try:
-        return json.loads(json.dumps(result, allow_nan=False))
-    except (TypeError, ValueError, RecursionError):
-        return _safe_repr(result)
-
-
-def _safe_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # a broken __repr__ must not strand the transaction
-        text = f"<{type(value).__name__} that could not be shown>"
-    return _storable(text)
-
-
-def _storable(text: str) -> str:
-    """``text`` as any database stores it: no NUL (PostgreSQL text refuses it), no
-    lone surrogates (from OS-supplied names; no UTF-8 encoder takes them), bounded.
-    """
-    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
-    return text[:_MAX_ERROR_LENGTH]

@@ -6,8 +6,11 @@ from pathlib import Path
 
 from celery import Celery
 
-app = Celery("embedded")
+from celery_tx import TransactionCoordinator
+
+app = Celery("embedded", include=["tests.apps.tasks"])
 app.config_from_object("celeryconfig")
+coordinator = TransactionCoordinator(app=app)  # all a worker needs, too
 
 
 @app.task(name="embedded.touch")

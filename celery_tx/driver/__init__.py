@@ -1,0 +1,1 @@
+"""The Celery driver: participants are Celery tasks journaled around the user's function."""

@@ -1,0 +1,50 @@
+"""Which journal a Celery app's participants write to, in this process.
+
+``TransactionCoordinator(app=app)`` binds its journal here; a worker whose app
+never built a coordinator gets one from the app's configuration on first use,
+so a participant can always journal its step.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from celery_tx.core.errors import InvalidArgument
+from celery_tx.store import Journal
+from celery_tx.store.engine import resolve_database_url
+
+CONFIG_KEY = "celery_tx_database_url"
+"""The Celery setting naming the journal (``app.conf.celery_tx_database_url``)."""
+
+_journals: weakref.WeakKeyDictionary[Any, Journal] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def database_url_for(app: Any, database_url: str | URL | None = None) -> URL:
+    """The argument, else the app's ``celery_tx_database_url``, else the environment or default."""
+    return resolve_database_url(database_url or app.conf.get(CONFIG_KEY))
+
+
+def journal_for(app: Any, database_url: str | URL | None = None) -> Journal:
+    """The journal bound to ``app``, created on first use.
+
+    Asking for another database than the one already bound is refused: the
+    workers of one app must all write to one journal.
+    """
+    if database_url is None and (bound := _journals.get(app)) is not None:
+        return bound  # every step asks: skip reading the configuration
+    url = database_url_for(app, database_url)
+    with _lock:
+        journal = _journals.get(app)
+        if journal is None:
+            journal = _journals[app] = Journal(url)
+        elif journal.url != url:
+            raise InvalidArgument(
+                f"Celery app {app.main!r} already journals to {journal.url!r}, "
+                f"not {url!r}: one app, one journal"
+            )
+        return journal

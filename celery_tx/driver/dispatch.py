@@ -1,0 +1,113 @@
+"""Sending a transaction's chains, and the errback that turns a failure into a rollback.
+
+commit sends ``chain(action_1, ..., action_n)`` with ``step_failed`` as its
+``link_error``. Celery calls that errback directly in the worker where the
+step failed (it takes more than one argument and is not bound, see
+``celery/backends/base.py: _call_task_errbacks``). It compare-and-sets the
+transaction RUNNING -> COMPENSATING, which succeeds at most once however many
+errbacks, sweeps or operators race, and only the winner sends the reverse
+chain of compensations.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import chain, current_task, shared_task
+from celery.canvas import Signature
+
+from celery_tx.core import transitions as tr
+from celery_tx.core.errors import InvalidParticipant, TransactionStateError
+from celery_tx.core.outcome import Outcome
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.core.values import describe_error
+from celery_tx.driver import binding, messages
+from celery_tx.logs import tx_extra
+from celery_tx.store import Journal
+
+logger = logging.getLogger("celery_tx.dispatch")
+
+STEP_FAILED = "celery_tx.step_failed"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def action_signatures(app: Any, tx: Outcome) -> list[Signature]:
+    """The actions' signatures, in order; refuses a step naming a non-participant."""
+    return [messages.build_signature(app, tx, step.position, "action") for step in tx.steps]
+
+
+def send_actions(app: Any, tx: Outcome, signatures: list[Signature]) -> None:
+    """Send the chain of actions of a RUNNING transaction, its errback on every step."""
+    # chain(*sigs) and link_error last: options and errbacks have been lost with
+    # `|` (celery#6442, #4763).
+    flow = chain(*signatures, app=app)
+    flow.link_error(Signature(STEP_FAILED, (str(tx.id),), app=app))
+    flow.apply_async()
+
+
+def send_compensations(app: Any, journal: Journal, tx: Outcome) -> Outcome:
+    """Send the reverse chain of compensations of a COMPENSATING transaction.
+
+    A step whose journaled compensation is not a declared compensation task is
+    not sent: it is journaled COMPENSATION_FAILED, so the transaction ends
+    FAILED and an operator looks, instead of running a task nobody declared.
+    """
+    signatures = []
+    for position in tr.steps_to_compensate(tx):
+        try:
+            signatures.append(messages.build_signature(app, tx, position, "compensation"))
+        except InvalidParticipant as exc:
+            logger.error("%s", exc, extra=tx_extra(tx.id, tx.steps[position].name))
+            tx = journal.apply(tx, _refuse_compensation(position, str(exc)))
+    if signatures:
+        chain(*signatures, app=app).apply_async()
+    return tx
+
+
+def _refuse_compensation(position: int, why: str) -> Any:
+    def event(tx: Outcome) -> Outcome:
+        now = _now()
+        tx = tr.start_compensation(tx, position, now)
+        return tr.fail_compensation(tx, position, f"refused: {why}", now)
+
+    return event
+
+
+@shared_task(name=STEP_FAILED)  # type: ignore[untyped-decorator]
+def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) -> None:
+    """Errback of every action: journal the failure and start the rollback, once."""
+    app = current_task.app
+    journal = binding.journal_for(app)
+    name = (request.kwargs or {}).get(messages.TX_STEP)
+    error = describe_error(exc)
+    tx = journal.load(uuid.UUID(tx_id))
+    if tx is None:
+        logger.error("errback for unknown transaction %s", tx_id)
+        return
+
+    def fail(tx: Outcome) -> Outcome:
+        now = _now()
+        step = next((s for s in tx.steps if s.name == name), None)
+        if step is not None and step.status is StepStatus.RUNNING:
+            return tr.fail_action(tx, step.position, error, now)
+        return tr.begin_compensation(tx, now, failed_step=name, error=error)
+
+    if tx.status is not TxStatus.RUNNING:
+        logger.info("errback: transaction already %s", tx.status, extra=tx_extra(tx.id, name))
+        return
+    try:
+        tx = journal.apply(tx, fail)
+    except TransactionStateError:  # another errback, a sweep or an operator won
+        logger.info("errback lost the race to roll back", extra=tx_extra(tx.id, name))
+        return
+    logger.warning(
+        "action of %r failed, rolling back: %s", name, error, extra=tx_extra(tx.id, name)
+    )
+    if tx.status is TxStatus.COMPENSATING:
+        send_compensations(app, journal, tx)

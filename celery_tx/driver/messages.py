@@ -1,0 +1,173 @@
+"""Journal descriptions of participant signatures, and the messages built from them.
+
+A step's action and compensation are journaled as the task's registered name
+and its arguments encoded with kombu's JSON (the task serializer participants
+use), so what a worker or a recovery sweep sends later is exactly what was
+registered. Each message carries the transaction id, step name and phase in its
+kwargs (Flower's search finds a whole transaction by its id) and a task id
+derived from them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from celery.canvas import Signature
+from kombu.utils.json import dumps as _kombu_dumps
+from kombu.utils.json import loads as _kombu_loads
+
+from celery_tx.context import Phase
+from celery_tx.core.errors import InvalidArgument, InvalidParticipant
+from celery_tx.core.outcome import Outcome
+from celery_tx.driver import registry
+
+KIND = "celery"
+TX_ID = "celery_tx_id"
+TX_STEP = "celery_tx_step"
+TX_PHASE = "celery_tx_phase"
+RESERVED_KWARGS = (TX_ID, TX_STEP, TX_PHASE)
+
+# Options a registered signature may carry into its message: routing and limits.
+# Anything else (links, errbacks, serializer...) would change how the chain runs.
+_ALLOWED_OPTIONS = frozenset(
+    {"queue", "routing_key", "exchange", "priority", "time_limit", "soft_time_limit"}
+)
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """Which transaction, step and phase a participant task was sent for."""
+
+    tx_id: uuid.UUID
+    step: str
+    phase: Phase
+
+
+def describe(signature: object, *, role: registry.Role, what: str) -> dict[str, Any]:
+    """The journal form of ``signature``; refuses anything the driver could not run."""
+    if not isinstance(signature, Signature) or type(signature) is not Signature:
+        raise InvalidParticipant(
+            f"{what} must be the signature of one participant task (task.s(...)), got {signature!r}"
+        )
+    spec = registry.lookup(signature.task, role)
+    if spec is None:
+        raise InvalidParticipant(
+            f"{what} {signature.task!r} is not a celery-tx {role} task; declare it with "
+            + ("@participant" if role == "action" else "@<action>.compensation")
+        )
+    return encode_call(spec, tuple(signature.args), dict(signature.kwargs), signature.options, what)
+
+
+def paired_compensation(action: dict[str, Any], what: str) -> dict[str, Any]:
+    """The journal form of ``action``'s declared compensation, called with its arguments."""
+    spec = registry.lookup(action["task"], "action")
+    name = spec.compensation if spec is not None else None
+    compensation = registry.lookup(name, "compensation") if name else None
+    if compensation is None:
+        raise InvalidParticipant(
+            f"{what}: participant {action['task']!r} has no compensation; declare one "
+            "with @<task>.compensation or pass rollback_function"
+        )
+    args, kwargs = decode_arguments(action)
+    return encode_call(compensation, args, kwargs, action.get("options", {}), what)
+
+
+def encode_call(
+    spec: registry.ParticipantSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+    what: str,
+) -> dict[str, Any]:
+    """Check the call against the function and the serializer, and describe it."""
+    clash = [key for key in kwargs if key in RESERVED_KWARGS]
+    if clash:
+        raise InvalidArgument(f"{what}: keyword arguments {clash} are reserved by celery-tx")
+    unknown = sorted(set(options) - _ALLOWED_OPTIONS)
+    if unknown:
+        raise InvalidArgument(
+            f"{what}: signature options {unknown} are not supported in a transaction "
+            f"(allowed: {sorted(_ALLOWED_OPTIONS)})"
+        )
+    try:
+        inspect.signature(spec.function).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgument(f"{what}: arguments do not fit {spec.name}: {exc}") from exc
+    except ValueError:  # a builtin without a signature: Celery will tell
+        pass
+    try:
+        payload = _dumps([list(args), kwargs])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"{what}: arguments cannot be sent as JSON, the participant serializer: {exc}"
+        ) from exc
+    description: dict[str, Any] = {"kind": KIND, "task": spec.name, "arguments": payload}
+    if options:
+        try:
+            _dumps(options)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{what}: options cannot be sent as JSON: {exc}") from exc
+        description["options"] = dict(options)
+    return description
+
+
+def decode_arguments(description: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The args and kwargs a journaled call was registered with."""
+    args, kwargs = _loads(description["arguments"])
+    return tuple(args), dict(kwargs)
+
+
+def is_celery_step(description: dict[str, Any]) -> bool:
+    """True when a journaled call is a Celery task (not an in-process callable)."""
+    return description.get("kind") == KIND
+
+
+def task_id(tx_id: uuid.UUID, position: int, phase: Phase) -> str:
+    """The Celery task id of a step's phase: the transaction id, readable in Flower."""
+    return f"{tx_id}.{position}.{phase}"
+
+
+def build_signature(app: Any, tx: Outcome, position: int, phase: Phase) -> Signature:
+    """The immutable signature that runs ``phase`` of step ``position``.
+
+    Refuses a journaled task name that is not a declared participant of that
+    phase in this process: a journal row must not be able to run arbitrary tasks.
+    """
+    step = tx.steps[position]
+    description = step.action if phase == "action" else step.compensation
+    role: registry.Role = "action" if phase == "action" else "compensation"
+    if registry.lookup(description.get("task", ""), role) is None:
+        raise InvalidParticipant(
+            f"step {step.name!r} of transaction {tx.id} names {description.get('task')!r}, "
+            f"which is not a celery-tx {role} task in this process"
+        )
+    args, kwargs = decode_arguments(description)
+    kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
+    options = {**description.get("options", {}), "task_id": task_id(tx.id, position, phase)}
+    return Signature(description["task"], args, kwargs, options=options, immutable=True, app=app)
+
+
+def pop_step_message(kwargs: dict[str, Any]) -> StepMessage | None:
+    """Remove celery-tx's keys from a task's kwargs; None when it was not sent by us."""
+    if TX_ID not in kwargs:
+        return None
+    raw_id, step, phase = kwargs.pop(TX_ID), kwargs.pop(TX_STEP, None), kwargs.pop(TX_PHASE, None)
+    try:
+        tx_id = uuid.UUID(str(raw_id))
+    except ValueError:
+        raise InvalidArgument(f"message names transaction {raw_id!r}, not a UUID") from None
+    if not isinstance(step, str) or phase not in ("action", "compensation"):
+        raise InvalidArgument(f"message names step {step!r} in phase {phase!r}")
+    return StepMessage(tx_id, step, phase)
+
+
+def _dumps(value: Any) -> str:
+    """kombu's JSON, the encoding Celery's ``json`` serializer sends (dates, UUIDs...)."""
+    return str(_kombu_dumps(value))  # type: ignore[no-untyped-call]
+
+
+def _loads(text: str) -> Any:
+    return _kombu_loads(text)  # type: ignore[no-untyped-call]

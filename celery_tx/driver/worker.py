@@ -1,0 +1,178 @@
+"""A participant task's step, run in the worker: journal, call the function, journal.
+
+Actions: the step is journaled RUNNING before the function runs (an effect is
+never unaccounted for) and DONE with its result after; the last action's write
+commits the transaction, so the chain needs no extra "finish" message. A
+failure is left to the chain's errback (``dispatch.step_failed``), which wins
+RUNNING -> COMPENSATING at most once. Compensations: journaled around the
+function too; one that keeps failing is retried by Celery with the step's
+policy, then journaled COMPENSATION_FAILED while the chain goes on; the last
+compensation's write ends the transaction.
+
+A message the journal does not back (unknown transaction or step, another task
+than the journal names) is rejected; one that arrives too late (the transaction
+moved on) is ignored. Neither runs the user's function.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from celery_tx.context import StepContext, running_step
+from celery_tx.core import transitions as tr
+from celery_tx.core.errors import TransactionStateError
+from celery_tx.core.outcome import Outcome
+from celery_tx.core.retry import RetryPolicy
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.core.values import describe_error, recordable
+from celery_tx.driver import binding
+from celery_tx.driver.messages import StepMessage
+from celery_tx.logs import tx_extra
+from celery_tx.store import Journal
+
+logger = logging.getLogger("celery_tx.worker")
+
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=30.0)
+_STARTABLE = (StepStatus.PENDING, StepStatus.RUNNING)
+_TO_UNDO = (StepStatus.RUNNING, StepStatus.DONE, StepStatus.FAILED, StepStatus.COMPENSATING)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the step ``message`` names with the user's ``args`` and ``kwargs``."""
+    journal = binding.journal_for(task.app)
+    tx = journal.load(message.tx_id)
+    if tx is None:
+        _refuse(message, "no such transaction in the journal")
+    position = _position(tx, message)
+    description = tx.steps[position].action if message.phase == "action" else None
+    if description is None:
+        description = tx.steps[position].compensation
+    if description.get("task") != task.name:
+        _refuse(message, f"the journal runs {description.get('task')!r} here, not {task.name!r}")
+    if message.phase == "action":
+        return _run_action(task, journal, tx, position, (args, kwargs))
+    return _run_compensation(task, journal, tx, position, (args, kwargs))
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
+    step = tx.steps[position]
+    extra = tx_extra(tx.id, step.name)
+    if step.status is StepStatus.DONE and tx.status is TxStatus.RUNNING:
+        # Redelivered after its result was journaled: the rest of the chain may
+        # not have been sent yet, so let the chain go on without running again.
+        return step.result
+    if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
+        _too_late(tx, position, "action")
+    try:
+        tx = journal.apply(tx, lambda t: tr.start_action(t, position, _now()))
+    except TransactionStateError:
+        _too_late(tx, position, "action")
+    attempt = tx.steps[position].attempts
+    context = StepContext(transaction_id=tx.id, step=step.name, phase="action", attempt=attempt)
+    try:
+        with running_step(context):
+            result = task.run(*call[0], **call[1])
+    except Retry:
+        raise  # Celery's own retry (autoretry_for, self.retry): the step stays RUNNING
+    except task.celery_tx_retry_for as exc:
+        policy = task.celery_tx_retry or RetryPolicy()
+        if attempt >= policy.max_attempts:
+            raise
+        delay = policy.delay_after(attempt)
+        logger.warning("action %r will be retried in %.2fs: %s", step.name, delay, exc, extra=extra)
+        raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
+    try:
+        tx = journal.apply(tx, lambda t: tr.finish_action(t, position, recordable(result), _now()))
+    except TransactionStateError:
+        # Aborted while it ran: the step stays RUNNING, so it is compensated.
+        _too_late(tx, position, "action")
+    if tx.status is TxStatus.COMMITTED:
+        logger.info("transaction committed", extra=tx_extra(tx.id))
+    return result
+
+
+def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> None:
+    step = tx.steps[position]
+    extra = tx_extra(tx.id, step.name)
+    if tx.status is not TxStatus.COMPENSATING:
+        _too_late(tx, position, "compensation")
+    if step.status not in _TO_UNDO:
+        # Compensated (or skipped) already: a redelivery. The chain goes on.
+        return
+    try:
+        tx = journal.apply(tx, lambda t: tr.start_compensation(t, position, _now()))
+    except TransactionStateError:
+        _too_late(tx, position, "compensation")
+    attempt = tx.steps[position].compensation_attempts
+    context = StepContext(
+        transaction_id=tx.id,
+        step=step.name,
+        phase="compensation",
+        attempt=attempt,
+        action_result=step.result,
+    )
+    try:
+        with running_step(context):
+            task.run(*call[0], **call[1])
+    except Retry:
+        raise
+    except Exception as exc:
+        policy = step.retry or task.celery_tx_retry or DEFAULT_COMPENSATION_RETRY
+        error = describe_error(exc)
+        if attempt < policy.max_attempts:
+            delay = policy.delay_after(attempt)
+            logger.warning(
+                "compensation of %r failed (attempt %d), retrying in %.2fs: %s",
+                *(step.name, attempt, delay, error),
+                extra=extra,
+            )
+            raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
+        logger.error(
+            "compensation of %r gave up after %d attempts: %s",
+            *(step.name, attempt, error),
+            exc_info=exc,
+            extra=extra,
+        )
+        tx = journal.apply(tx, lambda t: tr.fail_compensation(t, position, error, _now()))
+    else:
+        tx = journal.apply(tx, lambda t: tr.finish_compensation(t, position, _now()))
+    if tx.is_final:
+        level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
+        logger.log(level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id))
+
+
+def _position(tx: Outcome, message: StepMessage) -> int:
+    position = next((s.position for s in tx.steps if s.name == message.step), None)
+    if position is None:
+        _refuse(message, "the transaction has no such step")
+    return position
+
+
+def _refuse(message: StepMessage, why: str) -> NoReturn:
+    logger.error(
+        "refused a %s message for step %r: %s",
+        *(message.phase, message.step, why),
+        extra=tx_extra(message.tx_id, message.step),
+    )
+    raise Reject(f"celery-tx refused this message: {why}", requeue=False)
+
+
+def _too_late(tx: Outcome, position: int, phase: str) -> NoReturn:
+    step = tx.steps[position]
+    logger.info(
+        "%s of %r not run: the transaction is %s and the step %s",
+        *(phase, step.name, tx.status, step.status),
+        extra=tx_extra(tx.id, step.name),
+    )
+    raise Ignore()

@@ -1,0 +1,82 @@
+"""``CommitHandle``: a commit in progress, to poll or wait on."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import Future
+
+from celery_tx.core.errors import TransactionNotFound
+from celery_tx.core.outcome import Outcome
+from celery_tx.core.status import TxStatus
+from celery_tx.store import Journal
+
+_FIRST_POLL = 0.005
+_MAX_POLL = 0.1
+
+
+class CommitHandle:
+    """A transaction whose commit was started; it ends on its own, whoever waits.
+
+    The journal is the truth: ``status``, ``ready()`` and ``wait()`` read it,
+    so any process can make a handle's answer final (a worker, a sweep).
+    """
+
+    def __init__(self, tx_id: uuid.UUID, journal: Journal, run: Future[Outcome] | None = None):
+        self._id = tx_id
+        self._journal = journal
+        self._run = run  # the in-process commit, when this process runs it
+
+    def __repr__(self) -> str:
+        return f"<CommitHandle {self._id}>"
+
+    @property
+    def id(self) -> uuid.UUID:
+        """The transaction's id."""
+        return self._id
+
+    @property
+    def status(self) -> TxStatus:
+        """The transaction's status as journaled now."""
+        return self._load().status
+
+    def ready(self) -> bool:
+        """True once the transaction is COMMITTED, ROLLED_BACK or FAILED."""
+        return self.status.is_final
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Block until the transaction is final and return its outcome.
+
+        ``TimeoutError`` when ``timeout`` seconds pass first; the transaction
+        goes on regardless, and a later ``wait`` can still collect it.
+        """
+        if self._run is not None:
+            try:
+                return self._run.result(timeout)
+            except TimeoutError:
+                raise self._timeout(timeout) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _FIRST_POLL
+        while True:
+            tx = self._load()
+            if tx.is_final:
+                return tx
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timeout(timeout)
+                pause = min(pause, left)
+            time.sleep(pause)
+            pause = min(pause * 1.5, _MAX_POLL)
+
+    def _load(self) -> Outcome:
+        tx = self._journal.load(self._id)
+        if tx is None:
+            raise TransactionNotFound(f"no transaction {self._id} in the journal")
+        return tx
+
+    def _timeout(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"transaction {self._id} was not final after {timeout}s; it goes on, "
+            "wait again or read it with get_transaction()"
+        )
