@@ -94,11 +94,16 @@ def raw_scalar(dbapi_connection: Any, sql: str) -> Any:
 @pytest.fixture
 def recorder(coordinator: TransactionCoordinator) -> Iterator[Recorder]:
     """Records every commit of ``coordinator``'s journal from now on."""
-    engine = coordinator._journal.engine
-    recorder = Recorder(engine.dialect.name)
-    sa.event.listen(engine, "commit", recorder.on_commit)
+    journal = coordinator._journal
+    # On PostgreSQL single statements run on a second, autocommit engine: each is
+    # its own commit, which SQLAlchemy still reports through the same event.
+    engines = [e for e in (journal.engine, journal._autocommit_engine) if e is not None]
+    recorder = Recorder(journal.engine.dialect.name)
+    for engine in engines:
+        sa.event.listen(engine, "commit", recorder.on_commit)
     yield recorder
-    sa.event.remove(engine, "commit", recorder.on_commit)
+    for engine in engines:
+        sa.event.remove(engine, "commit", recorder.on_commit)
 
 
 def commit(call: str, durable: str) -> tuple[str, ...]:

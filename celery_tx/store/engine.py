@@ -61,14 +61,18 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def create_journal_engine(url: URL) -> Engine:
+def create_journal_engine(url: URL, *, autocommit: bool = False) -> Engine:
     """An engine configured for the journal's write pattern on ``url``'s database.
+
+    ``autocommit`` (PostgreSQL): its connections stay in autocommit mode, for
+    single statements that need no BEGIN or COMMIT; a pool of their own, so a
+    connection is never switched (and reset) between the two modes.
 
     ``InvalidArgument`` when the URL names a database or driver that is not
     installed (``mysql://`` without its driver, ``postgresql+psycopg2://``...).
     """
     try:
-        engine = _create_engine(url)
+        engine = _create_engine(url, autocommit=autocommit)
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
         raise InvalidArgument(
             f"cannot use journal URL {url!r}: {exc} (celery-tx supports SQLite and, "
@@ -79,7 +83,7 @@ def create_journal_engine(url: URL) -> Engine:
     return engine
 
 
-def _create_engine(url: URL) -> Engine:
+def _create_engine(url: URL, *, autocommit: bool) -> Engine:
     backend = url.get_backend_name()
     if backend == "sqlite":
         return _sqlite_engine(url)
@@ -90,7 +94,11 @@ def _create_engine(url: URL) -> Engine:
         if not any("synchronous_commit" in option for option in own_options):
             # A user who set synchronous_commit chose every write's durability.
             own_options.append("-c synchronous_commit=off")
-        return sa.create_engine(url, connect_args={"options": " ".join(own_options)})
+        options: dict[str, Any] = {"connect_args": {"options": " ".join(own_options)}}
+        if autocommit:
+            # Nothing is ever left open to roll back when a connection returns.
+            options.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
+        return sa.create_engine(url, **options)
     return sa.create_engine(url)
 
 

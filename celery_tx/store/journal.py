@@ -22,7 +22,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, TypeVar, cast
@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.store import rows, schema
 from celery_tx.store.engine import (
     DURABLE,
@@ -68,8 +68,61 @@ _UPDATE_STEP = (
 _CAS_TX = sa.update(_t).where(
     _t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version")
 )
-_SELECT_TX = sa.select(_t).where(_t.c.id == sa.bindparam("tx_id"))
-_SELECT_STEPS = sa.select(_s).where(_s.c.tx_id == sa.bindparam("tx_id")).order_by(_s.c.position)
+# A transaction and its steps in one statement: one round trip, and one
+# snapshot of both tables on every database without a read transaction.
+_LOAD = (
+    sa.select(_t, _s)
+    .outerjoin(_s, _s.c.tx_id == _t.c.id)
+    .where(_t.c.id == sa.bindparam("tx_id"))
+    .order_by(_s.c.position)
+    .set_label_style(sa.LABEL_STYLE_TABLENAME_PLUS_COL)
+)
+_TX_LABELS = [(f"{_t.name}_{c.name}", c.name) for c in _t.columns]
+_STEP_LABELS = [(f"{_s.name}_{c.name}", c.name) for c in _s.columns]
+_STEP_POSITION = f"{_s.name}_position"
+
+
+_ONE_STATEMENT = sa.text("one statement save")  # marks its shapes in Journal._prepared
+
+
+def _one_statement_save(tx_keys: tuple[str, ...], changed: int, added: int) -> sa.Select[Any]:
+    """``WITH cas AS (UPDATE tx ... RETURNING id), u0 AS (UPDATE step ...), ...
+    SELECT count(*) FROM cas``: step writes join ``cas``, so they happen only
+    when the compare-and-set matched."""
+
+    def bind(table: sa.Table, column: str, name: str) -> sa.BindParameter[Any]:
+        return sa.bindparam(name, type_=table.c[column].type)
+
+    cas = (
+        sa.update(_t)
+        .where(_t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version"))
+        .values({k: bind(_t, k, k) for k in ("version", *tx_keys)})
+        .returning(_t.c.id)
+        .cte("cas")
+    )
+    statement = sa.select(sa.func.count()).select_from(cas)
+    cas_id = sa.select(cas.c.id).scalar_subquery()
+    for i in range(changed):
+        update = (
+            sa.update(_s)
+            .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam(f"u{i}_b_position"))
+            .values({c: bind(_s, c, f"u{i}_{c}") for c in rows.STEP_MUTABLE_COLUMNS})
+            .returning(_s.c.position)
+            .cte(f"u{i}")
+        )
+        statement = statement.add_cte(update)
+    columns = [c.name for c in _s.columns if c.name != "tx_id"]
+    for i in range(added):
+        # INSERT ... SELECT from cas: typed casts, as a SELECT list gives no types.
+        values = [sa.cast(bind(_s, c, f"a{i}_{c}"), _s.c[c].type) for c in columns]
+        insert = (
+            sa.insert(_s)
+            .from_select(["tx_id", *columns], sa.select(cas.c.id, *values))
+            .returning(_s.c.position)
+            .cte(f"a{i}")
+        )
+        statement = statement.add_cte(insert)
+    return statement
 
 
 class _Prepared:
@@ -120,13 +173,17 @@ class Journal:
         # Each connection says what it is for in its execution options (the SQLite
         # BEGIN and instrumentation read them): set once per engine variant here,
         # not on every connection.
-        self._reader = self.engine.execution_options(**{WRITE: False, DURABLE: False})
-        if self.engine.dialect.name == "postgresql":
-            # A transaction row and its step rows are two statements: under READ
-            # COMMITTED a write landing between them would show a snapshot that
-            # never existed. SQLite's read transaction is one snapshot already.
-            self._reader = self._reader.execution_options(isolation_level="REPEATABLE READ")
+        self._one_statement = self.engine.dialect.name == "postgresql"
+        # On PostgreSQL every read, and every write that need not be flushed, is
+        # a single statement (see _save_in_one_statement): on a connection in
+        # autocommit mode each is one round trip, without BEGIN and COMMIT.
+        self._autocommit_engine = (
+            create_journal_engine(self.url, autocommit=True) if self._one_statement else None
+        )
+        single = self._autocommit_engine or self.engine
+        self._reader = single.execution_options(**{WRITE: False, DURABLE: False})
         self._writer = self.engine.execution_options(**{WRITE: True, DURABLE: False})
+        self._single_writer = single.execution_options(**{WRITE: True, DURABLE: False})
         self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
         # An in-memory SQLite database is one connection: share it one caller at a time.
         self._serial: AbstractContextManager[object] = (
@@ -140,11 +197,13 @@ class Journal:
         )
         self._schema_lock = threading.Lock()
         self._schema_ready = False
-        self._prepared: dict[tuple[sa.ClauseElement, tuple[str, ...]], _Prepared] = {}
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 
     def close(self) -> None:
         """Release the engine's connections."""
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
     # -- reads ---------------------------------------------------------------
 
@@ -152,11 +211,16 @@ class Journal:
         """The journaled transaction, or None when there is no such id."""
 
         def statements(conn: Connection) -> Outcome | None:
-            row = conn.execute(_SELECT_TX, {"tx_id": tx_id}).mappings().first()
-            if row is None:
+            joined = conn.execute(_LOAD, {"tx_id": tx_id}).mappings().all()
+            if not joined:
                 return None
-            step_rows = conn.execute(_SELECT_STEPS, {"tx_id": tx_id}).mappings().all()
-            return rows.tx_from_rows(row, step_rows)
+            tx_row = {name: joined[0][label] for label, name in _TX_LABELS}
+            step_rows = [
+                {name: row[label] for label, name in _STEP_LABELS}
+                for row in joined
+                if row[_STEP_POSITION] is not None
+            ]
+            return rows.tx_from_rows(tx_row, step_rows)
 
         return self._run(statements, write=False)
 
@@ -192,6 +256,8 @@ class Journal:
         if not (changes or added or changed):
             return after
         version = before.version + 1
+        if self._one_statement and not durable:
+            return self._save_in_one_statement(after, changes, added, changed, before.version)
         cas = {"b_id": before.id, "b_version": before.version, "version": version, **changes}
 
         def statements(conn: Connection) -> Outcome:
@@ -210,6 +276,42 @@ class Journal:
             return replace(after, version=version)
 
         return self._run(statements, write=True, durable=durable)
+
+    def _save_in_one_statement(
+        self,
+        after: Outcome,
+        changes: dict[str, Any],
+        added: Sequence[StepOutcome],
+        changed: Sequence[StepOutcome],
+        version: int,
+    ) -> Outcome:
+        """``save`` as one PostgreSQL statement: the compare-and-set UPDATE as a CTE,
+        the step writes as data-modifying CTEs that touch rows only when it matched.
+
+        One statement is atomic on its own, so in autocommit mode the whole write
+        is one round trip instead of BEGIN, 2-3 statements and COMMIT.
+        """
+        shape = (_ONE_STATEMENT, tuple(changes), len(changed), len(added))
+        prepared = self._prepared.get(shape)
+        if prepared is None:
+            statement = _one_statement_save(shape[1], len(changed), len(added))
+            prepared = self._prepared.setdefault(
+                shape, _Prepared(statement, self.engine.dialect, ())
+            )
+        values: dict[str, Any] = {"b_id": after.id, "b_version": version, "version": version + 1}
+        values.update(changes)
+        for i, step in enumerate(changed):
+            values.update({f"u{i}_{k}": v for k, v in rows.step_update_row(after.id, step).items()})
+        for i, step in enumerate(added):
+            values.update({f"a{i}_{k}": v for k, v in rows.step_to_row(after.id, step).items()})
+
+        def statements(conn: Connection) -> Outcome:
+            matched = conn.exec_driver_sql(prepared.sql, prepared.parameters(values)).scalar()
+            if matched != 1:
+                raise JournalConflict(f"transaction {after.id} changed since version {version}")
+            return replace(after, version=version + 1)
+
+        return self._run(statements, write=True, single=True)
 
     def apply(
         self, tx: Outcome, event: Callable[[Outcome], Outcome], *, durable: bool = False
@@ -296,18 +398,34 @@ class Journal:
         return conn.exec_driver_sql(prepared.sql, prepared.parameters(values))
 
     def _run(
-        self, statements: Callable[[Connection], _T], *, write: bool, durable: bool = False
+        self,
+        statements: Callable[[Connection], _T],
+        *,
+        write: bool,
+        durable: bool = False,
+        single: bool = False,
     ) -> _T:
-        """``statements(conn)`` in one database transaction, its errors translated."""
+        """``statements(conn)`` in one database transaction, its errors translated.
+
+        ``single``: they are one statement, which needs no transaction around it.
+        """
         if not self._schema_ready:
             self._ensure_schema()
-        return self._transaction(statements, write=write, durable=durable)
+        return self._transaction(statements, write=write, durable=durable, single=single)
 
     def _transaction(
-        self, statements: Callable[[Connection], _T], *, write: bool, durable: bool
+        self,
+        statements: Callable[[Connection], _T],
+        *,
+        write: bool,
+        durable: bool,
+        single: bool = False,
     ) -> _T:
         if write:
-            engine = self._durable_writer if durable else self._writer
+            if durable:
+                engine = self._durable_writer
+            else:
+                engine = self._single_writer if single else self._writer
             writers = self._writers
         else:
             engine, writers = self._reader, _NO_LOCK

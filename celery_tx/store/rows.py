@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-from sqlalchemy.engine import RowMapping
 
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
@@ -80,7 +78,7 @@ def _mutable_columns(step: StepOutcome) -> dict[str, Any]:
     return {column: getattr(step, column) for column in STEP_MUTABLE_COLUMNS}
 
 
-def tx_from_rows(row: RowMapping, step_rows: Sequence[RowMapping]) -> Outcome:
+def tx_from_rows(row: Mapping[str, Any], step_rows: Sequence[Mapping[str, Any]]) -> Outcome:
     """The snapshot a transaction row and its step rows describe."""
     return Outcome(
         id=row["id"],
@@ -98,7 +96,7 @@ def tx_from_rows(row: RowMapping, step_rows: Sequence[RowMapping]) -> Outcome:
     )
 
 
-def _step_from_row(row: RowMapping) -> StepOutcome:
+def _step_from_row(row: Mapping[str, Any]) -> StepOutcome:
     retry = row["retry"]
     return StepOutcome(
         position=row["position"],
