@@ -28,7 +28,7 @@ from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import binding, dispatch, messages
-from celery_tx.handles import CommitHandle
+from celery_tx.handles import CommitHandle, check_timeout
 from celery_tx.ids import parse_tx_id
 from celery_tx.local import callables
 from celery_tx.local.runner import LocalCall, LocalRunner
@@ -245,7 +245,7 @@ class TransactionCoordinator:
         first, while the transaction goes on.
         """
         tx_id = parse_tx_id(tx_id)
-        _check_timeout(timeout)
+        check_timeout(timeout)
         snapshot = self._snapshot(tx_id)
         if timeout is None and not _is_celery(snapshot):
             return self._commit_here(snapshot)  # no thread needed to wait for it
@@ -315,6 +315,9 @@ class TransactionCoordinator:
             # Built for the very snapshot started: a step naming a task that is
             # not a participant here stops the commit before anything is journaled.
             signatures[:] = dispatch.action_signatures(app, tx)
+            # The first step stays PENDING until its worker journals it RUNNING:
+            # if the chain cannot be sent, nothing has started and the rollback
+            # is complete at once.
             return tr.start_commit(tx, self._clock())
 
         # Durable: the workers' effects may begin as soon as the chain is sent.
@@ -432,15 +435,6 @@ def _settle(run: Future[Outcome], commit: Callable[[Outcome], Outcome], tx: Outc
         run.set_result(commit(tx))
     except BaseException as exc:  # handed to whoever waits; the thread ends quietly
         run.set_exception(exc)
-
-
-def _check_timeout(timeout: object) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
-    if math.isnan(timeout) or timeout < 0:
-        raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
 
 
 def _check_name(name: object) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from concurrent.futures import Future
 
-from celery_tx.core.errors import TransactionNotFound
+from celery_tx.core.errors import InvalidArgument, TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
 from celery_tx.store import Journal
@@ -50,6 +51,7 @@ class CommitHandle:
         ``TimeoutError`` when ``timeout`` seconds pass first; the transaction
         goes on regardless, and a later ``wait`` can still collect it.
         """
+        check_timeout(timeout)
         if self._run is not None:
             try:
                 return self._run.result(timeout)
@@ -80,3 +82,13 @@ class CommitHandle:
             f"transaction {self._id} was not final after {timeout}s; it goes on, "
             "wait again or read it with get_transaction()"
         )
+
+
+def check_timeout(timeout: object) -> None:
+    """Refuse a timeout that is not None or a finite number of seconds, zero or more."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")

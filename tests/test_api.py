@@ -106,9 +106,10 @@ def test_coordinator_signatures_keep_the_issue_names() -> None:
         "commit_function",
         "rollback_function",
     ]
-    assert inspect.signature(coordinator.register_participant).parameters[
-        "rollback_function"
-    ].default is None
+    assert (
+        inspect.signature(coordinator.register_participant).parameters["rollback_function"].default
+        is None
+    )
     assert list(inspect.signature(coordinator.commit_transaction).parameters) == [
         "self",
         "tx_id",

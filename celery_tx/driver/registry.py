@@ -50,14 +50,20 @@ def declare(spec: ParticipantSpec) -> None:
         _specs[spec.name] = ParticipantSpec(spec.name, spec.role, spec.function, compensation)
 
 
+def check_pair(action: str, compensation: str) -> None:
+    """Refuse a second, different compensation for ``action``."""
+    spec = _specs[action]
+    if spec.compensation not in (None, compensation):
+        raise InvalidParticipant(
+            f"participant {action!r} already has the compensation {spec.compensation!r}"
+        )
+
+
 def pair(action: str, compensation: str) -> None:
     """Make ``compensation`` the undo of ``action``."""
     with _lock:
+        check_pair(action, compensation)
         spec = _specs[action]
-        if spec.compensation not in (None, compensation):
-            raise InvalidParticipant(
-                f"participant {action!r} already has the compensation {spec.compensation!r}"
-            )
         _specs[action] = ParticipantSpec(spec.name, spec.role, spec.function, compensation)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -54,10 +55,12 @@ class ParticipantTask(celery.Task):  # type: ignore[misc]  # Celery ships no typ
         """
         if self.celery_tx_role != "action":
             raise InvalidParticipant(f"{self.name!r} is a compensation; it has no compensation")
+        _check_options(options)
 
         def declare(undo: Callable[..., Any]) -> Any:
-            name = _task_name(undo, options.pop("name", None))
-            task = _participant_task(undo, role="compensation", name=name, **options)
+            name = _task_name(undo, options.get("name"))
+            registry.check_pair(self.name, name)  # before the task exists anywhere
+            task = _participant_task(undo, role="compensation", **{**options, "name": name})
             registry.pair(self.name, name)
             return task
 
@@ -84,11 +87,36 @@ def participant(function: Callable[..., Any] | None = None, /, **options: Any) -
     ``module.function``), ``queue``, ``retry_for`` (exception types retried by
     ``retry``, a ``RetryPolicy``, without compensating), ``time_limit`` and
     ``soft_time_limit`` (seconds), and any other Celery task option. The task's
-    ``.compensation`` decorator declares its undo.
+    ``.compensation`` decorator declares its undo. Bad options are refused here,
+    with ``InvalidArgument``.
     """
+    _check_options(options)
     if function is None:
         return lambda f: _participant_task(f, role="action", **options)
     return _participant_task(function, role="action", **options)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    if options.get("bind"):
+        raise InvalidArgument("participants cannot be bind=True; use current_step() instead")
+    retry_for = options.get("retry_for", ())
+    if not (isinstance(retry_for, tuple) and all(_is_exception(t) for t in retry_for)):
+        raise InvalidArgument(f"retry_for must be a tuple of exception types, got {retry_for!r}")
+    retry = options.get("retry")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidArgument(f"retry must be a RetryPolicy, got {retry!r}")
+    name = options.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise InvalidArgument(f"name must be a non-empty string, got {name!r}")
+    queue = options.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not queue.strip()):
+        raise InvalidArgument(f"queue must be a non-empty string, got {queue!r}")
+    for limit in ("time_limit", "soft_time_limit"):
+        value = options.get(limit)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+        ):
+            raise InvalidArgument(f"{limit} must be a positive number of seconds, got {value!r}")
 
 
 def _participant_task(
@@ -102,12 +130,6 @@ def _participant_task(
 ) -> Any:
     if not callable(function):
         raise InvalidParticipant(f"@participant decorates a function, got {function!r}")
-    if celery_options.get("bind"):
-        raise InvalidArgument("participants cannot be bind=True; use current_step() instead")
-    if not (isinstance(retry_for, tuple) and all(_is_exception(t) for t in retry_for)):
-        raise InvalidArgument(f"retry_for must be a tuple of exception types, got {retry_for!r}")
-    if retry is not None and not isinstance(retry, RetryPolicy):
-        raise InvalidArgument(f"retry must be a RetryPolicy, got {retry!r}")
     name = _task_name(function, name)
     registry.declare(registry.ParticipantSpec(name, role, function))
     return shared_task(

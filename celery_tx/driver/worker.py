@@ -1,8 +1,10 @@
 """A participant task's step, run in the worker: journal, call the function, journal.
 
-Actions: the step is journaled RUNNING before the function runs (an effect is
-never unaccounted for) and DONE with its result after; the last action's write
-commits the transaction, so the chain needs no extra "finish" message. A
+Actions: a step is journaled RUNNING before its function can run (an effect is
+never unaccounted for): the first by its own worker, each later one by the write
+that journals the step before it DONE with its result, before the chain sends
+it. So a step costs one read and one write (the first, two writes), and the last
+action's write commits the transaction: the chain needs no "finish" message. A
 failure is left to the chain's errback (``dispatch.step_failed``), which wins
 RUNNING -> COMPENSATING at most once. Compensations: journaled around the
 function too; one that keeps failing is retried by Celery with the step's
@@ -17,6 +19,7 @@ moved on) is ignored. Neither runs the user's function.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -63,43 +66,82 @@ def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dic
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+Event = Callable[[Outcome], Outcome]
 
 
 def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
     step = tx.steps[position]
-    extra = tx_extra(tx.id, step.name)
     if step.status is StepStatus.DONE and tx.status is TxStatus.RUNNING:
         # Redelivered after its result was journaled: the rest of the chain may
         # not have been sent yet, so let the chain go on without running again.
         return step.result
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
-    try:
-        tx = journal.apply(tx, lambda t: tr.start_action(t, position, _now()))
-    except TransactionStateError:
-        _too_late(tx, position, "action")
+    if step.status is StepStatus.PENDING or _redelivered(task):
+        # The first step (and one nobody marked) is journaled RUNNING here; the
+        # others were, by the write that ended the step before. A redelivery
+        # counts its attempt here too, before the function runs.
+        tx = _apply_or_too_late(journal, tx, position, "action", _start(position))
     attempt = tx.steps[position].attempts
     context = StepContext(transaction_id=tx.id, step=step.name, phase="action", attempt=attempt)
     try:
         with running_step(context):
             result = task.run(*call[0], **call[1])
     except Retry:
-        raise  # Celery's own retry (autoretry_for, self.retry): the step stays RUNNING
+        # Celery's own retry (autoretry_for, self.retry): the next attempt is
+        # journaled as started before its message can run.
+        _apply_or_too_late(journal, tx, position, "action", _start(position))
+        raise
     except task.celery_tx_retry_for as exc:
         policy = task.celery_tx_retry or RetryPolicy()
         if attempt >= policy.max_attempts:
             raise
         delay = policy.delay_after(attempt)
-        logger.warning("action %r will be retried in %.2fs: %s", step.name, delay, exc, extra=extra)
+        logger.warning(
+            "action %r will be retried in %.2fs: %s",
+            *(step.name, delay, exc),
+            extra=tx_extra(tx.id, step.name),
+        )
+        _apply_or_too_late(journal, tx, position, "action", _start(position))
         raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
-    try:
-        tx = journal.apply(tx, lambda t: tr.finish_action(t, position, recordable(result), _now()))
-    except TransactionStateError:
-        # Aborted while it ran: the step stays RUNNING, so it is compensated.
-        _too_late(tx, position, "action")
+    # One write ends this step and starts the next (or commits): the next
+    # step's message is sent only after this returns, so it is RUNNING in the
+    # journal before it can have an effect. Aborted meanwhile: the step stays
+    # RUNNING, so it is compensated.
+    tx = _apply_or_too_late(journal, tx, position, "action", _advance(position, recordable(result)))
     if tx.status is TxStatus.COMMITTED:
         logger.info("transaction committed", extra=tx_extra(tx.id))
     return result
+
+
+def _start(position: int) -> Event:
+    return lambda tx: tr.start_action(tx, position, _now())
+
+
+def _advance(position: int, result: Any) -> Event:
+    def event(tx: Outcome) -> Outcome:
+        now = _now()
+        tx = tr.finish_action(tx, position, result, now)
+        if tx.status is TxStatus.RUNNING:
+            tx = tr.start_action(tx, position + 1, now)
+        return tx
+
+    return event
+
+
+def _apply_or_too_late(
+    journal: Journal, tx: Outcome, position: int, phase: str, event: Event
+) -> Outcome:
+    try:
+        return journal.apply(tx, event)
+    except TransactionStateError:
+        _too_late(journal.load(tx.id) or tx, position, phase)
+
+
+def _redelivered(task: Any) -> bool:
+    """True when the broker says this message was delivered before (AMQP does)."""
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    return bool(delivery.get("redelivered"))
 
 
 def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> None:
@@ -110,10 +152,9 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
     if step.status not in _TO_UNDO:
         # Compensated (or skipped) already: a redelivery. The chain goes on.
         return
-    try:
-        tx = journal.apply(tx, lambda t: tr.start_compensation(t, position, _now()))
-    except TransactionStateError:
-        _too_late(tx, position, "compensation")
+    tx = _apply_or_too_late(
+        journal, tx, position, "compensation", lambda t: tr.start_compensation(t, position, _now())
+    )
     attempt = tx.steps[position].compensation_attempts
     context = StepContext(
         transaction_id=tx.id,

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from celery import Task
 from celery.canvas import Signature
 
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
@@ -24,6 +25,12 @@ KIND = "callable"
 
 def describe(function: object, *, role: str) -> dict[str, Any]:
     """The JSON description of ``function``; ``role`` names it in errors."""
+    if isinstance(function, Task):
+        # A task is callable too, but calling it runs it here, not on a worker.
+        raise InvalidParticipant(
+            f"{role} is the Celery task {function.name!r} itself; register its "
+            "signature, with the arguments: task.s(...)"
+        )
     if isinstance(function, Signature):
         # A signature is callable, but calling it would run the task right here,
         # in this process, not on a worker: refuse it rather than surprise anyone.
