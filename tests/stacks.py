@@ -4,8 +4,9 @@
 - redis: Redis broker (a database of its own, emptied after each test), PostgreSQL journal;
 - rabbitmq: RabbitMQ broker (a queue of its own, deleted after each test), PostgreSQL journal.
 
-Each test gets its own queue name, so a message left over by one test can never
-reach another test's worker.
+Each thread-worker test gets its own queue name (a worker subprocess on the
+project's celeryconfig.py uses the default queue, emptied first), so a message
+left over by one test can never reach another test's worker.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Stack:
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
             "control_folder": str(folder / "control"),
-            "polling_interval": 0.1,
+            "polling_interval": 0.01,
         }
 
     def celery_config(self, **extra: Any) -> dict[str, Any]:
