@@ -26,6 +26,9 @@ celery_tx_database_url = os.environ.get("CELERY_TX_DATABASE_URL") or (
 )
 
 if broker_url.startswith("filesystem://"):
+    # kombu's filesystem transport, with writes atomic and reads exclusive: its
+    # own can hand a consumer a half-written message (celery_tx/driver/filesystem.py).
+    broker_transport = "celery_tx.driver.filesystem:Transport"
     _queue, _processed, _control = (
         _data_dir / "broker" / d for d in ("queue", "processed", "control")
     )

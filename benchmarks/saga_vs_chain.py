@@ -164,6 +164,9 @@ def main() -> None:
                     flush=True,
                 )
             print(f"load average after: {os.getloadavg()[0]:.1f}")
+        except BaseException:
+            print((folder / "worker.log").read_text()[-5000:], file=sys.stderr)
+            raise
         finally:
             worker.terminate()
             worker.wait(timeout=60)

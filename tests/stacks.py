@@ -58,6 +58,11 @@ class Stack:
         return {
             "broker_url": self.broker_url,
             "broker_transport_options": self.transport_options,
+            **(
+                {"broker_transport": "celery_tx.driver.filesystem:Transport"}
+                if self.name == "embedded"
+                else {}
+            ),
             "result_backend": None,
             "celery_tx_database_url": self.database_url,
             "task_default_queue": self.queue,

@@ -95,9 +95,9 @@ def raw_scalar(dbapi_connection: Any, sql: str) -> Any:
 def recorder(coordinator: TransactionCoordinator) -> Iterator[Recorder]:
     """Records every commit of ``coordinator``'s journal from now on."""
     journal = coordinator._journal
-    # On PostgreSQL single statements run on a second, autocommit engine: each is
-    # its own commit, which SQLAlchemy still reports through the same event.
-    engines = [e for e in (journal.engine, journal._autocommit_engine) if e is not None]
+    # On PostgreSQL single statements run on autocommit engines: each is its own
+    # commit, which SQLAlchemy still reports through the same event.
+    engines = journal.engines
     recorder = Recorder(journal.engine.dialect.name)
     for engine in engines:
         sa.event.listen(engine, "commit", recorder.on_commit)

@@ -339,7 +339,7 @@ def test_a_commit_whose_acknowledgement_was_lost_is_not_applied_twice(
             coordinator.register_participant(tx_id, name, *recorder.participant(name))
         journal = coordinator._journal
         # Both engines on PostgreSQL: single statements commit on the autocommit one.
-        dialects = [e.dialect for e in (journal.engine, journal._autocommit_engine) if e]
+        dialects = [e.dialect for e in journal.engines]
         commits = [0]
 
         def dropping(dialect: Any) -> Any:

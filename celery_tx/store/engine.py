@@ -61,18 +61,19 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def create_journal_engine(url: URL, *, autocommit: bool = False) -> Engine:
+def create_journal_engine(url: URL, *, autocommit: bool = False, durable: bool = False) -> Engine:
     """An engine configured for the journal's write pattern on ``url``'s database.
 
     ``autocommit`` (PostgreSQL): its connections stay in autocommit mode, for
     single statements that need no BEGIN or COMMIT; a pool of their own, so a
-    connection is never switched (and reset) between the two modes.
+    connection is never switched (and reset) between the two modes. ``durable``
+    (with ``autocommit``): every statement's commit waits for the disk.
 
     ``InvalidArgument`` when the URL names a database or driver that is not
     installed (``mysql://`` without its driver, ``postgresql+psycopg2://``...).
     """
     try:
-        engine = _create_engine(url, autocommit=autocommit)
+        engine = _create_engine(url, autocommit=autocommit, durable=durable)
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
         raise InvalidArgument(
             f"cannot use journal URL {url!r}: {exc} (celery-tx supports SQLite and, "
@@ -83,7 +84,7 @@ def create_journal_engine(url: URL, *, autocommit: bool = False) -> Engine:
     return engine
 
 
-def _create_engine(url: URL, *, autocommit: bool) -> Engine:
+def _create_engine(url: URL, *, autocommit: bool, durable: bool) -> Engine:
     backend = url.get_backend_name()
     if backend == "sqlite":
         return _sqlite_engine(url)
@@ -93,7 +94,7 @@ def _create_engine(url: URL, *, autocommit: bool) -> Engine:
         own_options = [own] if isinstance(own, str) else list(own)
         if not any("synchronous_commit" in option for option in own_options):
             # A user who set synchronous_commit chose every write's durability.
-            own_options.append("-c synchronous_commit=off")
+            own_options.append(f"-c synchronous_commit={'on' if durable else 'off'}")
         options: dict[str, Any] = {"connect_args": {"options": " ".join(own_options)}}
         if autocommit:
             # Nothing is ever left open to roll back when a connection returns.

@@ -177,13 +177,22 @@ class Journal:
         # On PostgreSQL every read, and every write that need not be flushed, is
         # a single statement (see _save_in_one_statement): on a connection in
         # autocommit mode each is one round trip, without BEGIN and COMMIT.
-        self._autocommit_engine = (
-            create_journal_engine(self.url, autocommit=True) if self._one_statement else None
-        )
+        # Durable single statements go to a third pool whose sessions commit
+        # with synchronous_commit on.
+        self._autocommit_engine: Engine | None = None
+        self._durable_autocommit_engine: Engine | None = None
+        if self._one_statement:
+            self._autocommit_engine = create_journal_engine(self.url, autocommit=True)
+            self._durable_autocommit_engine = create_journal_engine(
+                self.url, autocommit=True, durable=True
+            )
         single = self._autocommit_engine or self.engine
         self._reader = single.execution_options(**{WRITE: False, DURABLE: False})
         self._writer = self.engine.execution_options(**{WRITE: True, DURABLE: False})
         self._single_writer = single.execution_options(**{WRITE: True, DURABLE: False})
+        self._durable_single_writer = (
+            self._durable_autocommit_engine or self.engine
+        ).execution_options(**{WRITE: True, DURABLE: True})
         self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
         # An in-memory SQLite database is one connection: share it one caller at a time.
         self._serial: AbstractContextManager[object] = (
@@ -199,11 +208,16 @@ class Journal:
         self._schema_ready = False
         self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine (connection pool) the journal uses."""
+        extra = (self._autocommit_engine, self._durable_autocommit_engine)
+        return [self.engine, *(engine for engine in extra if engine is not None)]
+
     def close(self) -> None:
-        """Release the engine's connections."""
-        self.engine.dispose()
-        if self._autocommit_engine is not None:
-            self._autocommit_engine.dispose()
+        """Release the engines' connections."""
+        for engine in self.engines:
+            engine.dispose()
 
     # -- reads ---------------------------------------------------------------
 
@@ -256,8 +270,10 @@ class Journal:
         if not (changes or added or changed):
             return after
         version = before.version + 1
-        if self._one_statement and not durable:
-            return self._save_in_one_statement(after, changes, added, changed, before.version)
+        if self._one_statement:
+            return self._save_in_one_statement(
+                after, changes, added, changed, before.version, durable=durable
+            )
         cas = {"b_id": before.id, "b_version": before.version, "version": version, **changes}
 
         def statements(conn: Connection) -> Outcome:
@@ -284,6 +300,8 @@ class Journal:
         added: Sequence[StepOutcome],
         changed: Sequence[StepOutcome],
         version: int,
+        *,
+        durable: bool,
     ) -> Outcome:
         """``save`` as one PostgreSQL statement: the compare-and-set UPDATE as a CTE,
         the step writes as data-modifying CTEs that touch rows only when it matched.
@@ -311,7 +329,7 @@ class Journal:
                 raise JournalConflict(f"transaction {after.id} changed since version {version}")
             return replace(after, version=version + 1)
 
-        return self._run(statements, write=True, single=True)
+        return self._run(statements, write=True, durable=durable, single=True)
 
     def apply(
         self, tx: Outcome, event: Callable[[Outcome], Outcome], *, durable: bool = False
@@ -423,7 +441,7 @@ class Journal:
     ) -> _T:
         if write:
             if durable:
-                engine = self._durable_writer
+                engine = self._durable_single_writer if single else self._durable_writer
             else:
                 engine = self._single_writer if single else self._writer
             writers = self._writers
