@@ -39,7 +39,10 @@ class CommitHandle:
     @property
     def status(self) -> TxStatus:
         """The transaction's status as journaled now."""
-        return self._load().status
+        status = self._journal.status(self._id)
+        if status is None:
+            raise TransactionNotFound(f"no transaction {self._id} in the journal")
+        return status
 
     def ready(self) -> bool:
         """True once the transaction is COMMITTED, ROLLED_BACK or FAILED."""
@@ -60,9 +63,11 @@ class CommitHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _FIRST_POLL
         while True:
-            tx = self._load()
-            if tx.is_final:
-                return tx
+            status = self._journal.status(self._id)  # a cheap poll; the whole outcome once
+            if status is None:
+                raise TransactionNotFound(f"no transaction {self._id} in the journal")
+            if status.is_final:
+                return self._load()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -66,6 +66,15 @@ def test_load_of_unknown_id_is_none(journal: Journal) -> None:
     assert journal.load(uuid.uuid4()) is None
 
 
+def test_status_reads_only_the_status(journal: Journal) -> None:
+    """status(): None for an unknown id, then the journaled status as it changes."""
+    assert journal.status(uuid.uuid4()) is None
+    tx = journal.create(new_tx())
+    assert journal.status(tx.id) is TxStatus.PENDING
+    journal.save(tx, tr.rollback_pending(tx, datetime.now(UTC)))
+    assert journal.status(tx.id) is TxStatus.ROLLED_BACK
+
+
 def test_save_writes_the_difference_and_bumps_the_version(journal: Journal) -> None:
     """save() stores every change (tx and steps) and returns the new version."""
     tx = journal.create(new_tx())

@@ -33,6 +33,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
 from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.status import TxStatus
 from celery_tx.store import rows, schema
 from celery_tx.store.engine import (
     DURABLE,
@@ -77,6 +78,7 @@ _LOAD = (
     .order_by(_s.c.position)
     .set_label_style(sa.LABEL_STYLE_TABLENAME_PLUS_COL)
 )
+_STATUS = sa.select(_t.c.status).where(_t.c.id == sa.bindparam("tx_id"))
 _TX_LABELS = [(f"{_t.name}_{c.name}", c.name) for c in _t.columns]
 _STEP_LABELS = [(f"{_s.name}_{c.name}", c.name) for c in _s.columns]
 _STEP_POSITION = f"{_s.name}_position"
@@ -235,6 +237,15 @@ class Journal:
                 if row[_STEP_POSITION] is not None
             ]
             return rows.tx_from_rows(tx_row, step_rows)
+
+        return self._run(statements, write=False)
+
+    def status(self, tx_id: uuid.UUID) -> TxStatus | None:
+        """Only the transaction's status (a cheap poll), or None when there is no such id."""
+
+        def statements(conn: Connection) -> TxStatus | None:
+            value = conn.execute(_STATUS, {"tx_id": tx_id}).scalar()
+            return None if value is None else TxStatus(value)
 
         return self._run(statements, write=False)
 
