@@ -342,12 +342,15 @@ class TransactionCoordinator:
         try:
             tx = self._journal.apply(tx, abort)
         except TransactionStateError:
-            tx = self._load(tx.id)  # a worker got the message after all and moved it on
-        if tx.status is TxStatus.COMPENSATING:
-            try:  # a step did start; if the broker is still down, the sweep finishes it
-                dispatch.send_compensations(self.app, self._journal, tx)
-            except Exception:
-                logger.exception("could not send compensations", extra=tx_extra(tx.id))
+            # A worker got the message after all and moved it on: whoever won the
+            # move to COMPENSATING sends the compensations, never this call too.
+            tx = self._load(tx.id)
+        else:
+            if tx.status is TxStatus.COMPENSATING:
+                try:  # a step did start; if the broker is still down, the sweep finishes it
+                    dispatch.send_compensations(self.app, self._journal, tx)
+                except Exception:
+                    logger.exception("could not send compensations", extra=tx_extra(tx.id))
         raise BrokerUnavailable(
             f"could not send transaction {tx.id} to the broker ({exc!r}); it is {tx.status}"
         ) from exc

@@ -898,3 +898,34 @@ def test_a_participant_task_instead_of_its_signature_is_refused(
     tx_id = coordinator.begin_transaction()
     with _refused(InvalidParticipant, "signature"):
         coordinator.register_participant(tx_id, "n", tasks.noop, tasks.noop_undo)
+
+
+def test_an_errback_the_journal_does_not_back_changes_nothing(
+    coordinator: TransactionCoordinator, celery_app: Any, path: str
+) -> None:
+    """A refused, forged or stale message fires the errback it carries (Celery calls
+    errbacks on Reject too): while the transaction runs, that errback must not abort it."""
+    from types import SimpleNamespace
+
+    from celery_tx.driver.dispatch import STEP_FAILED
+    from celery_tx.driver.messages import task_id
+
+    step_failed = celery_app.tasks[STEP_FAILED]  # as the worker calls it: on its app
+
+    tx_id = coordinator.begin_transaction()
+    for name in ("a", "b"):
+        coordinator.register_participant(tx_id, name, tasks.step.s(path, name))
+    coordinator.commit_transaction_async(tx_id)  # no worker yet: RUNNING, nothing started
+    forged = [
+        ("nonexistent", "x"),  # a step the transaction does not have
+        ("a", "forged-id"),  # a real step, but not its message
+        ("b", task_id(tx_id, 1, "action")),  # the right message for a step not yet failing
+    ]
+    for step, message_id in forged:
+        request = SimpleNamespace(id=message_id, kwargs={"celery_tx_step": step})
+        step_failed(request, RuntimeError("forged"), None, str(tx_id))
+        assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING
+    with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
+        outcome = _wait_final(coordinator, tx_id)
+    assert outcome.status is TxStatus.COMMITTED
+    assert effects(path) == ["a:action", "b:action"]

@@ -91,16 +91,35 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
         logger.error("errback for unknown transaction %s", tx_id)
         return
 
+    step = next((s for s in tx.steps if s.name == name), None)
+    if step is None or request.id != messages.task_id(tx.id, step.position, "action"):
+        # Not one of this transaction's action messages (a refused, forged or
+        # stale one still fires the errback it carried): it must not abort it.
+        logger.error("errback for a message the journal does not back", extra=tx_extra(tx.id))
+        return
+    # A step is RUNNING once its message may run; only the first is PENDING then
+    # (it fails before its worker journaled it started: no effect, nothing to undo).
+    failable = step.status is StepStatus.RUNNING or (
+        step.status is StepStatus.PENDING and step.position == 0
+    )
+    if tx.status is not TxStatus.RUNNING or not failable:
+        # Finished already (DONE by another delivery of the same step), not yet
+        # sent (a stale or forged message), or the transaction moved on: this
+        # failure changes nothing.
+        logger.info(
+            "errback: transaction %s, step %s", tx.status, step.status, extra=tx_extra(tx.id, name)
+        )
+        return
+    position = step.position
+
     def fail(tx: Outcome) -> Outcome:
         now = _now()
-        step = next((s for s in tx.steps if s.name == name), None)
-        if step is not None and step.status is StepStatus.RUNNING:
-            return tr.fail_action(tx, step.position, error, now)
-        return tr.begin_compensation(tx, now, failed_step=name, error=error)
+        if tx.steps[position].status is StepStatus.RUNNING:
+            return tr.fail_action(tx, position, error, now)
+        if tx.steps[position].status is StepStatus.PENDING:  # failed before it started
+            return tr.begin_compensation(tx, now, failed_step=name, error=error)
+        raise TransactionStateError(f"step {name!r} is {tx.steps[position].status} now")
 
-    if tx.status is not TxStatus.RUNNING:
-        logger.info("errback: transaction already %s", tx.status, extra=tx_extra(tx.id, name))
-        return
     try:
         tx = journal.apply(tx, fail)
     except TransactionStateError:  # another errback, a sweep or an operator won

@@ -33,7 +33,8 @@ class Channel(filesystem.Channel):
 
     # kombu's own base classes disagree on this signature; this is the filesystem one.
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # Zero-padded: consumers take messages in the order of their names.
+        name = f"{round(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = f"{final}.writing"  # not "<queue>.msg": consumers skip it
         try:
@@ -52,7 +53,7 @@ class Channel(filesystem.Channel):
             claimed = os.path.join(claimed_folder, f"{name}.{uuid.uuid4().hex}.claimed")
             try:
                 os.rename(os.path.join(self.data_folder_in, name), claimed)
-            except OSError:
+            except FileNotFoundError:
                 continue  # another consumer claimed it first
             try:
                 with open(claimed, encoding="utf-8") as f:

@@ -74,6 +74,8 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
     if step.status is StepStatus.DONE and tx.status is TxStatus.RUNNING:
         # Redelivered after its result was journaled: the rest of the chain may
         # not have been sent yet, so let the chain go on without running again.
+        # (If it was, the next step gets a second message: delivery is at least
+        # once, and participants use their idempotency key.)
         return step.result
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
@@ -88,8 +90,9 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         with running_step(context):
             result = task.run(*call[0], **call[1])
     except Retry:
-        # Celery's own retry (autoretry_for, self.retry): the next attempt is
-        # journaled as started before its message can run.
+        # Celery's own retry (autoretry_for, self.retry) has sent the next
+        # attempt already; the step stays RUNNING, so it is accounted for, and
+        # the attempt is counted here.
         _apply_or_too_late(journal, tx, position, "action", _start(position))
         raise
     except task.celery_tx_retry_for as exc:
