@@ -844,9 +844,12 @@ def test_a_task_name_belongs_to_one_function() -> None:
     assert registry.lookup("tests.step", "action").function is tasks.step.run  # type: ignore[union-attr]
 
 
-def test_an_action_has_one_compensation() -> None:
+@EMBEDDED
+def test_a_refused_second_compensation_is_not_left_declared(
+    coordinator: TransactionCoordinator, celery_app: Any, stack: Stack
+) -> None:
     """A second @x.compensation for the same action raises InvalidParticipant; the first
-    stays paired."""
+    stays paired, and the refused one cannot be used as a rollback."""
     action_name, first_undo, second_undo = _unique("act"), _unique("undo1"), _unique("undo2")
 
     def act() -> None:
@@ -863,28 +866,6 @@ def test_an_action_has_one_compensation() -> None:
     with _refused(InvalidParticipant, f"already has the compensation '{first_undo}'"):
         task.compensation(name=second_undo)(other_undo)
     assert registry.lookup(action_name, "action").compensation == first_undo  # type: ignore[union-attr]
-
-
-@EMBEDDED
-def test_a_refused_second_compensation_is_not_left_declared(
-    coordinator: TransactionCoordinator, celery_app: Any, stack: Stack
-) -> None:
-    """After the refusal above, the refused compensation cannot be used as a rollback."""
-    action_name, first_undo, second_undo = _unique("act"), _unique("undo1"), _unique("undo2")
-
-    def act() -> None:
-        """The action."""
-
-    def undo() -> None:
-        """Its compensation."""
-
-    def other_undo() -> None:
-        """A second compensation."""
-
-    task = participant(name=action_name)(act)
-    task.compensation(name=first_undo)(undo)
-    with _refused(InvalidParticipant, "already has the compensation"):
-        task.compensation(name=second_undo)(other_undo)
     tx_id = coordinator.begin_transaction()
     with _refused(InvalidParticipant, f"'{second_undo}' is not a celery-tx compensation task"):
         coordinator.register_participant(tx_id, "a", task.s(), celery_app.signature(second_undo))
