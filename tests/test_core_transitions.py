@@ -880,3 +880,19 @@ def test_retry_policy_is_frozen() -> None:
     policy = RetryPolicy()
     with pytest.raises(AttributeError):
         policy.max_attempts = 5  # type: ignore[misc]
+
+
+def test_advance_finishes_one_action_and_starts_the_next_or_commits() -> None:
+    """advance(): DONE + next RUNNING in one snapshot; the last one commits."""
+    tx = tr.add_step(tr.add_step(new_tx(), new_step("a")), new_step("b"))
+    tx = tr.start_action(tr.start_commit(tx, NOW), 0, NOW)
+    tx = tr.advance(tx, 0, {"id": 1}, NOW)
+    assert [(s.status, s.attempts) for s in tx.steps] == [
+        (StepStatus.DONE, 1),
+        (StepStatus.RUNNING, 1),
+    ]
+    assert tx.steps[0].result == {"id": 1}
+    assert tx.status is TxStatus.RUNNING
+    tx = tr.advance(tx, 1, None, NOW)
+    assert tx.status is TxStatus.COMMITTED
+    assert tx.finished_at == NOW

@@ -122,14 +122,7 @@ def _start(position: int) -> Event:
 
 
 def _advance(position: int, result: Any) -> Event:
-    def event(tx: Outcome) -> Outcome:
-        now = _now()
-        tx = tr.finish_action(tx, position, result, now)
-        if tx.status is TxStatus.RUNNING:
-            tx = tr.start_action(tx, position + 1, now)
-        return tx
-
-    return event
+    return lambda tx: tr.advance(tx, position, result, _now())
 
 
 def _apply_or_too_late(

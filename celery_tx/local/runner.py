@@ -132,14 +132,7 @@ class LocalRunner:
         return self.journal.apply(tx, lambda t: tr.fail_action(t, position, error, self.clock()))
 
     def _advance(self, position: int, result: Any) -> Event:
-        def event(tx: Outcome) -> Outcome:
-            now = self.clock()
-            tx = tr.finish_action(tx, position, result, now)
-            if tx.status is TxStatus.RUNNING:
-                tx = tr.start_action(tx, position + 1, now)
-            return tx
-
-        return event
+        return lambda tx: tr.advance(tx, position, result, self.clock())
 
     def run_compensations(
         self, tx: Outcome, calls: Sequence[LocalCall], results: dict[int, Any] | None = None
