@@ -23,8 +23,10 @@ from celery_tx.core.errors import (
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver.signals import transaction_finished
 from celery_tx.driver.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
+from celery_tx.step_barrier import barrier
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,9 @@ __all__ = [
     # inside a participant
     "current_step",
     "StepContext",
+    "barrier",
+    # signals
+    "transaction_finished",
     # snapshots and statuses
     "Outcome",
     "StepOutcome",

@@ -22,6 +22,8 @@ from celery_tx import (
 
 PUBLIC = {
     "TransactionCoordinator",
+    "barrier",
+    "transaction_finished",
     "Outcome",
     "StepOutcome",
     "TxStatus",

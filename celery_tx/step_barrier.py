@@ -1,0 +1,144 @@
+"""``barrier(session)``: apply a participant's effect exactly once.
+
+Brokers deliver at least once, and a rollback can overtake the action it undoes
+(an action still in flight, or redelivered after its worker died, when the
+compensation starts). A participant that calls ``barrier()`` in its own database
+transaction, before its business change, gets a single answer to all of these:
+
+- an action runs its effect once, however often it is delivered;
+- a compensation runs its effect once, and only if its action took effect;
+- an action that arrives after its compensation does nothing.
+
+It works by inserting, in the participant's own transaction, one row per
+(transaction, step, phase) if it is absent:
+
+- the action inserts its ``action`` row; present already: skip;
+- the compensation first inserts the ``action`` row itself, marked as put there
+  by the compensation. If that insert succeeds, the action never took effect (and
+  now never will: the row blocks it), so there is nothing to undo. Then it
+  inserts its ``compensation`` row; present already: a duplicate, skip.
+
+Because the rows commit or roll back with the business change, an action that
+raised after ``barrier()`` leaves no row, and its compensation is a no-op. This
+is the "branch barrier" of DTM, in the participant's database rather than ours.
+
+Schema, for teams that manage migrations themselves (``barrier()`` creates it
+when it is missing)::
+
+    CREATE TABLE celery_tx_barrier (
+        transaction_id VARCHAR(36) NOT NULL,
+        step VARCHAR(200) NOT NULL,
+        phase VARCHAR(12) NOT NULL,      -- 'action' or 'compensation'
+        inserted_by VARCHAR(12) NOT NULL, -- the phase whose call inserted it
+        created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+        PRIMARY KEY (transaction_id, step, phase)
+    );
+"""
+
+from __future__ import annotations
+
+import weakref
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    exc,
+    insert,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateTable
+
+from celery_tx.context import current_step
+from celery_tx.core.errors import InvalidArgument
+
+BARRIER_TABLE = "celery_tx_barrier"
+
+_metadata = MetaData()
+barrier_table = Table(
+    BARRIER_TABLE,
+    _metadata,
+    Column("transaction_id", String(36), primary_key=True),
+    Column("step", String(200), primary_key=True),
+    Column("phase", String(12), primary_key=True),
+    Column("inserted_by", String(12), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Engines whose database has the table: checked once per engine and process.
+_ready: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def barrier(session: Session) -> bool:
+    """True: apply this step's effect now; False: skip it (see the module's docs).
+
+    Call it inside a running action or compensation (``current_step()`` says
+    which), with the participant's own session, before its business change; the
+    answer holds only if the session's transaction then commits, with the
+    change. Works on SQLite and PostgreSQL (other databases through a
+    savepoint). Raises ``NoCurrentStep`` outside a step and ``InvalidArgument``
+    when ``session`` is not a SQLAlchemy ``Session``.
+    """
+    if not isinstance(session, Session):
+        raise InvalidArgument(f"barrier() needs a SQLAlchemy Session, not {type(session).__name__}")
+    step = current_step()
+    _ensure_table(session)
+    key = (str(step.transaction_id), step.step)
+    if step.phase == "action":
+        return _insert(session, key, "action", inserted_by="action")
+    action_never_ran = _insert(session, key, "action", inserted_by="compensation")
+    first_compensation = _insert(session, key, "compensation", inserted_by="compensation")
+    return first_compensation and not action_never_ran
+
+
+def _insert(session: Session, key: tuple[str, str], phase: str, *, inserted_by: str) -> bool:
+    """Insert the row unless present; True if this call inserted it."""
+    row = {
+        "transaction_id": key[0],
+        "step": key[1],
+        "phase": phase,
+        "inserted_by": inserted_by,
+        "created_at": datetime.now(UTC),
+    }
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key
+        # to commit or roll back, then answers accordingly: no race window.
+        module = postgresql if dialect == "postgresql" else sqlite
+        statement = module.insert(barrier_table).values(row).on_conflict_do_nothing()
+        inserted: int = session.execute(statement).rowcount  # type: ignore[attr-defined]
+        return inserted == 1
+    try:
+        with session.begin_nested():
+            session.execute(insert(barrier_table).values(row))
+    except exc.IntegrityError:
+        return False
+    return True
+
+
+def _ensure_table(session: Session) -> None:
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if engine in _ready:
+        return
+    create = CreateTable(barrier_table, if_not_exists=True)
+    if engine.dialect.name == "postgresql":
+        # Concurrent CREATE TABLE IF NOT EXISTS can still collide in PostgreSQL's
+        # catalog; doing it on its own connection keeps such a collision out of
+        # the participant's transaction, and the loser finds the table there.
+        try:
+            with engine.begin() as connection:
+                connection.execute(create)
+        except (exc.IntegrityError, exc.ProgrammingError):
+            pass
+    else:
+        # SQLite serialises writers, so IF NOT EXISTS is race-free; inside the
+        # session's own transaction it needs no second connection (which would
+        # wait on the session's lock).
+        session.execute(create)
+    _ready.add(engine)

@@ -1,0 +1,73 @@
+"""Running the shop: a fresh shop's data, and worker processes.
+
+Shared by the demo and the tests, so both run the shop the same way a user does
+(``celery -A example_shop.app worker``), never an in-process imitation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+from example_shop.app import ALL_QUEUES
+from example_shop.services import inventory, notifications, orders, payments
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATABASES = (orders.database, payments.database, inventory.database, notifications.database)
+
+# The demo's catalog: {sku: (name, price in cents)}.
+CATALOG = {
+    "MUG": ("Coffee mug", 1200),
+    "TEE": ("T-shirt", 2500),
+    "CAP": ("Cap", 1800),
+    "PEN": ("Fountain pen", 4500),
+    "BAG": ("Tote bag", 1500),
+    "BOOK": ("Notebook", 900),
+}
+
+
+def reset_shop(balances: Mapping[str, int], stock: Mapping[str, int]) -> None:
+    """Empty all four services' databases, then open accounts and stock products."""
+    for database in DATABASES:
+        database.reset()
+    payments.open_accounts(dict(balances))
+    inventory.stock_products({sku: (*CATALOG[sku], units) for sku, units in stock.items()})
+
+
+def start_worker(
+    env: Mapping[str, str] | None = None,
+    *,
+    concurrency: int = 2,
+    log: IO[str] | int | None = subprocess.DEVNULL,
+    loglevel: str = "WARNING",
+) -> subprocess.Popen[bytes]:
+    """Start ``celery -A example_shop.app worker`` on all four services' queues."""
+    command = [
+        *(sys.executable, "-m", "celery", "-A", "example_shop.app", "worker"),
+        *("-Q", ALL_QUEUES, "-P", "prefork", "-c", str(concurrency)),
+        *("--loglevel", loglevel, "--without-gossip", "--without-mingle"),
+        *("-n", f"shop-{os.getpid()}-%h"),
+    ]
+    environment = dict(os.environ if env is None else env)
+    # The worker imports example_shop and celeryconfig from the project folder.
+    environment["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), environment.get("PYTHONPATH", "")) if p
+    )
+    return subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Warm shutdown (SIGTERM: finish the current tasks), then kill if it hangs."""
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()

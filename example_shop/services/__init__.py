@@ -1,0 +1,1 @@
+"""The shop's four services. Each owns its database and exposes participants."""
