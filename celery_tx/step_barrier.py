@@ -110,9 +110,15 @@ def _insert(session: Session, key: tuple[str, str], phase: str, *, inserted_by: 
         # ON CONFLICT DO NOTHING waits for a concurrent inserter of the same key
         # to commit or roll back, then answers accordingly: no race window.
         module = postgresql if dialect == "postgresql" else sqlite
-        statement = module.insert(barrier_table).values(row).on_conflict_do_nothing()
-        inserted: int = session.execute(statement).rowcount  # type: ignore[attr-defined]
-        return inserted == 1
+        statement = (
+            module.insert(barrier_table)
+            .values(row)
+            .on_conflict_do_nothing()
+            # RETURNING says whether the row went in: the rowcount of such an
+            # INSERT is not reliable (-1 through SQLAlchemy 2.1 and psycopg 3).
+            .returning(barrier_table.c.phase)
+        )
+        return session.execute(statement).first() is not None
     try:
         with session.begin_nested():
             session.execute(insert(barrier_table).values(row))

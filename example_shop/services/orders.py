@@ -137,10 +137,11 @@ def get_order(order_id: str) -> Order | None:
         return session.get(Order, order_id)
 
 
-def recent_orders(limit: int = 50) -> list[Order]:
-    """The newest orders first."""
+def recent_orders(limit: int | None = 50) -> list[Order]:
+    """The newest orders first (all of them with ``limit=None``)."""
     with database.transaction() as session:
-        return list(session.scalars(select(Order).order_by(Order.created_at.desc()).limit(limit)))
+        newest = select(Order).order_by(Order.created_at.desc()).limit(limit)
+        return list(session.scalars(newest))
 
 
 def new_order_id() -> str:

@@ -1,0 +1,227 @@
+"""``python -m example_shop demo``: hundreds of concurrent orders, then the shop checked.
+
+Runs on whatever ``celeryconfig.py`` and the shop's settings point at: the
+embedded default (no servers), or Redis/RabbitMQ + PostgreSQL through
+``CELERY_BROKER_URL``, ``CELERY_TX_DATABASE_URL`` and ``SHOP_DATABASE_URL``. It
+starts its own worker (``--no-worker`` to use workers you run), a local SMTP
+sink, places the orders, waits until every transaction is final, prints a
+summary, and exits 1 if an invariant of the shop is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from sqlalchemy.engine import make_url
+
+from celery_tx import TransactionCoordinator, TxStatus
+from example_shop import invariants, settings
+from example_shop.app import app, coordinator
+from example_shop.checkout import PlacedOrder, place_order
+from example_shop.runtime import CATALOG, reset_shop, start_worker, stop_worker
+from example_shop.services import orders
+from example_shop.smtp_sink import REFUSED_DOMAIN, SmtpSink
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who buys what: customers with balances, stock, and each order's contents."""
+
+    balances: dict[str, int]
+    emails: dict[str, str]
+    stock: dict[str, int]
+    orders: list[tuple[str, list[dict[str, Any]]]]
+
+
+def make_scenario(count: int, rng: random.Random) -> Scenario:
+    """A realistic mix: most orders go through; some customers run out of money,
+    some products sell out, and a few addresses bounce."""
+    customers = [f"customer-{n:03d}" for n in range(max(10, count // 5))]
+    balances = {c: rng.choice([*[200_000] * 7, rng.randrange(0, 12_000)]) for c in customers}
+    emails = {
+        c: f"{c}@{REFUSED_DOMAIN if rng.random() < 0.06 else 'example.com'}" for c in customers
+    }
+    # About three units per order are asked for in all; stock covers roughly
+    # two thirds of the demand, so popular products sell out along the way.
+    demand_per_sku = 3 * count / len(CATALOG)
+    stock = {sku: max(1, int(demand_per_sku * rng.uniform(0.5, 0.9))) for sku in CATALOG}
+    placed = []
+    for _ in range(count):
+        skus = rng.sample(sorted(CATALOG), rng.choice([1, 1, 2, 3]))
+        items = [{"sku": sku, "quantity": rng.choice([1, 1, 2, 3])} for sku in skus]
+        placed.append((rng.choice(customers), items))
+    return Scenario(balances, emails, stock, placed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m example_shop demo``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    out = sys.stdout
+    scenario = make_scenario(args.orders, random.Random(args.seed))
+    print(f"broker:  {_redacted(app.conf.broker_url)}", file=out)
+    print(f"journal: {_redacted(app.conf.celery_tx_database_url)}", file=out)
+    print(f"orders:  {_redacted(settings.service_location('orders').url)}", file=out)
+    reset_shop(scenario.balances, scenario.stock)
+    log_path = settings.data_dir() / "demo-worker.log"
+    with SmtpSink() as sink, log_path.open("w") as log:
+        os.environ["SHOP_SMTP_PORT"] = str(sink.port)  # the worker inherits it
+        worker = (
+            None if args.no_worker else start_worker(concurrency=args.worker_concurrency, log=log)
+        )
+        try:
+            started = time.monotonic()
+            placed = _place_all(coordinator, scenario, args.concurrency, out)
+            outcomes = _wait_final(coordinator, placed, args.timeout, out)
+            elapsed = time.monotonic() - started
+            reconciled = _settle(coordinator, outcomes)
+        finally:
+            if worker is not None:
+                stop_worker(worker)
+        final = [invariants.Placed(p.order_id, outcomes[p.transaction_id]) for p in placed]
+        broken = invariants.check(final, sink.received.emails_by_order())
+        _summary(final, elapsed, reconciled, sink, out)
+    if broken:
+        print(f"\n{len(broken)} invariant(s) BROKEN:", file=out)
+        for line in broken[:50]:
+            print(f"  - {line}", file=out)
+        print(f"worker log: {log_path}", file=out)
+        return 1
+    print("\nall invariants hold", file=out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m example_shop demo", description=__doc__)
+    parser.add_argument("--orders", type=_positive, default=300, help="orders to place (300)")
+    parser.add_argument(
+        "--concurrency", type=_positive, default=8, help="orders placed at once (8)"
+    )
+    parser.add_argument(
+        "--worker-concurrency", type=_positive, default=2, help="worker processes (2)"
+    )
+    parser.add_argument("--seed", type=int, default=2026, help="random seed of the scenario")
+    parser.add_argument(
+        "--timeout", type=float, default=600, help="seconds to wait for the transactions (600)"
+    )
+    parser.add_argument(
+        "--no-worker", action="store_true", help="use workers already running instead of one"
+    )
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _place_all(
+    coordinator: TransactionCoordinator, scenario: Scenario, concurrency: int, out: TextIO
+) -> list[PlacedOrder]:
+    def place(order: tuple[str, list[dict[str, Any]]]) -> PlacedOrder:
+        customer, items = order
+        return place_order(coordinator, customer, scenario.emails[customer], items)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(place, order) for order in scenario.orders]
+        _progress(
+            out,
+            lambda: f"placing {sum(f.done() for f in futures)}/{len(futures)}",
+            lambda: all(f.done() for f in futures),
+        )
+        return [f.result() for f in futures]
+
+
+def _wait_final(
+    coordinator: TransactionCoordinator, placed: list[PlacedOrder], timeout: float, out: TextIO
+) -> dict[Any, Any]:
+    status: dict[Any, TxStatus] = {p.transaction_id: TxStatus.RUNNING for p in placed}
+    deadline = time.monotonic() + timeout
+
+    def poll() -> bool:
+        for tx_id, known in status.items():
+            if not known.is_final:
+                status[tx_id] = coordinator.get_transaction(tx_id).status
+        return all(s.is_final for s in status.values()) or time.monotonic() > deadline
+
+    def line() -> str:
+        counts = Counter(s.value for s in status.values())
+        return "running: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+    _progress(out, line, poll)
+    return {tx_id: coordinator.get_transaction(tx_id) for tx_id in status}
+
+
+def _settle(coordinator: TransactionCoordinator, outcomes: dict[Any, Any]) -> int:
+    """Give the workers time to confirm the committed orders, then reconcile the rest."""
+    committed = {str(t) for t, o in outcomes.items() if o.status is TxStatus.COMMITTED}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pending = {
+            o.transaction_id for o in orders.recent_orders(limit=None) if o.status == orders.PENDING
+        }
+        if not committed & pending:
+            break
+        time.sleep(0.2)
+    return orders.settle_orders(coordinator)
+
+
+def _progress(out: TextIO, line: Callable[[], str], done: Callable[[], bool]) -> None:
+    """Show ``line()`` every half second until ``done()``; in place on a terminal."""
+    interactive = out.isatty()
+    last = ""
+    while True:
+        finished = done()
+        text = line()
+        if interactive:
+            print(f"\r{text:<78}", end="", file=out, flush=True)
+        elif text != last:
+            print(text, file=out, flush=True)
+        last = text
+        if finished:
+            break
+        time.sleep(0.5)
+    if interactive:
+        print(file=out)
+
+
+def _summary(
+    placed: list[invariants.Placed], elapsed: float, reconciled: int, sink: SmtpSink, out: TextIO
+) -> None:
+    rows: Counter[str] = Counter({"committed": 0, "failed": 0})
+    for p in placed:
+        if p.outcome.status is TxStatus.ROLLED_BACK:
+            reason = (p.outcome.error or "?").split(":", 1)[0]
+            rows[f"rolled back: {reason}"] += 1
+        else:
+            rows[p.outcome.status.value.lower()] += 1
+    print(f"\n{len(placed)} orders in {elapsed:.1f} s ({len(placed) / elapsed:.0f}/s)", file=out)
+    print(f"{'outcome':<34}{'orders':>8}", file=out)
+    print("-" * 42, file=out)
+    for label, count in sorted(rows.items(), key=lambda r: (-r[1], r[0])):
+        print(f"{label:<34}{count:>8}", file=out)
+    print("-" * 42, file=out)
+    received = sink.received
+    print(
+        f"emails received {sum(len(v) for v in received.emails_by_order().values())}"
+        f" (duplicate deliveries {received.duplicates()}), addresses refused {received.refused};"
+        f" orders confirmed by reconciliation {reconciled}",
+        file=out,
+    )
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a broker URL SQLAlchemy cannot parse is shown as is
+        return url

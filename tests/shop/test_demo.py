@@ -1,0 +1,91 @@
+"""The demo as a user runs it: `python -m example_shop demo`, in a subprocess, with its
+summary and its invariant check (exit code 0 only when the shop is consistent)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from example_shop.runtime import PROJECT_ROOT
+from tests.conftest import truncate_journal
+from tests.stacks import REDIS_URL, _check_redis
+
+
+def _run_demo(
+    env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "example_shop", "demo", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _clean_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "SHOP_"))}
+    env["CELERY_TX_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _assert_consistent(result: subprocess.CompletedProcess[str], orders: int) -> None:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "all invariants hold" in result.stdout
+    assert f"{orders} orders in" in result.stdout
+    # A realistic mix: every kind of outcome happened.
+    for outcome in ("committed", "InsufficientFunds", "OutOfStock", "EmailRefused"):
+        assert outcome in result.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_keeps_the_invariants_on_the_embedded_default(tmp_path: Path):
+    result = _run_demo(_clean_env(tmp_path), "--orders", "150", "--concurrency", "6")
+    _assert_consistent(result, 150)
+
+
+@pytest.mark.slow
+@pytest.mark.celery_servers
+def test_the_demo_keeps_the_invariants_on_redis_and_postgres(tmp_path: Path, postgres_url: str):
+    _check_redis()
+    truncate_journal(postgres_url)
+    env = _clean_env(tmp_path)
+    env["CELERY_BROKER_URL"] = REDIS_URL
+    env["CELERY_TX_DATABASE_URL"] = postgres_url
+    env["SHOP_DATABASE_URL"] = postgres_url
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    try:
+        result = _run_demo(env, "--orders", "200", "--concurrency", "8")
+    finally:
+        client.flushdb()
+        client.close()
+    _assert_consistent(result, 200)
+    assert "redis://" in result.stdout
+
+
+def test_bad_arguments_exit_2_with_usage(tmp_path: Path):
+    env = _clean_env(tmp_path)
+    for args in (("--orders", "0"), ("--orders", "many"), ("--bogus",)):
+        result = _run_demo(env, *args, timeout=60)
+        assert result.returncode == 2
+        assert "usage:" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "example_shop", "nonsense"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
