@@ -88,7 +88,10 @@ def reserve(order_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     checked = check_items(items)
     with database.transaction() as session:
         if barrier(session):
-            for item in checked:
+            # Rows are locked in SKU order, by every reservation and release
+            # alike: two orders for the same SKUs in another order would
+            # otherwise deadlock on PostgreSQL.
+            for item in sorted(checked, key=lambda i: i["sku"]):
                 # Conditional decrement: concurrent reservations cannot oversell.
                 taken = session.execute(
                     update(Product)
@@ -118,9 +121,9 @@ def release(order_id: str, items: list[dict[str, Any]]) -> None:
         if not barrier(session):
             return
         held = session.scalars(
-            select(Reservation).where(
-                Reservation.order_id == order_id, Reservation.status == RESERVED
-            )
+            select(Reservation)
+            .where(Reservation.order_id == order_id, Reservation.status == RESERVED)
+            .order_by(Reservation.sku)
         )
         for reservation in held:
             reservation.status = RELEASED
