@@ -48,7 +48,9 @@ from sqlalchemy import (
     String,
     Table,
     exc,
+    func,
     insert,
+    select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -70,7 +72,7 @@ barrier_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-# Engines whose database has the table: checked once per engine and process.
+# PostgreSQL engines whose database has the table committed: checked once per process.
 _ready: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -128,23 +130,33 @@ def _insert(session: Session, key: tuple[str, str], phase: str, *, inserted_by: 
 
 
 def _ensure_table(session: Session) -> None:
+    """Create the table in the session's own transaction unless it surely exists.
+
+    Created in the caller's transaction, the table is gone again if that
+    transaction rolls back (a business failure on a fresh database), so an
+    engine is remembered only once a committed table is seen; a second
+    connection is avoided, as it could wait on the caller's lock (SQLite) or
+    for a pool slot the caller holds.
+    """
     bind = session.get_bind()
     engine = bind if isinstance(bind, Engine) else bind.engine
     if engine in _ready:
         return
     create = CreateTable(barrier_table, if_not_exists=True)
     if engine.dialect.name == "postgresql":
-        # Concurrent CREATE TABLE IF NOT EXISTS can still collide in PostgreSQL's
-        # catalog; doing it on its own connection keeps such a collision out of
-        # the participant's transaction, and the loser finds the table there.
+        found = session.execute(select(func.to_regclass(BARRIER_TABLE))).scalar()
+        if found is not None:  # visible outside our transaction: committed
+            _ready.add(engine)
+            return
         try:
-            with engine.begin() as connection:
-                connection.execute(create)
+            # Two first uses at once can collide in PostgreSQL's catalog even
+            # with IF NOT EXISTS; the loser's savepoint undoes only the attempt,
+            # and its next statement sees the winner's table.
+            with session.begin_nested():
+                session.execute(create)
         except (exc.IntegrityError, exc.ProgrammingError):
             pass
     else:
-        # SQLite serialises writers, so IF NOT EXISTS is race-free; inside the
-        # session's own transaction it needs no second connection (which would
-        # wait on the session's lock).
+        # SQLite serialises writers, so IF NOT EXISTS is race-free, and cheap
+        # enough to run on every call when the table exists.
         session.execute(create)
-    _ready.add(engine)
