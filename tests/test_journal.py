@@ -182,6 +182,34 @@ def test_older_schema_is_migrated(database_url: str, monkeypatch: pytest.MonkeyP
     assert ran == [1]
 
 
+def test_a_version_1_journal_gains_the_progress_columns(database_url: str) -> None:
+    """Schema 1 -> 2 adds updated_at (filled from the last known time) and claimed_until."""
+    journal = Journal(database_url)
+    tx = journal.create(new_tx())
+    journal.close()
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:  # turn it back into a version 1 journal
+        conn.exec_driver_sql("DROP INDEX ix_celery_tx_transactions_progress")
+        for column in ("updated_at", "claimed_until"):
+            conn.exec_driver_sql(f"ALTER TABLE celery_tx_transactions DROP COLUMN {column}")
+        conn.execute(schema.schema_version.update().values(version=1))
+    journal = Journal(database_url)
+    assert journal.load(tx.id) == tx
+    saved = journal.save(tx, replace(tx, name="renamed"))
+    assert journal.load(tx.id) == saved
+    with engine.connect() as conn:
+        version = conn.execute(sa.select(schema.schema_version.c.version)).scalar_one()
+        updated, claimed = conn.execute(
+            sa.select(schema.transactions.c.updated_at, schema.transactions.c.claimed_until)
+        ).one()
+    journal.close()
+    engine.dispose()
+    assert version == 2
+    assert updated is not None
+    assert updated > NOW
+    assert claimed is None
+
+
 def test_unreachable_database_is_a_typed_error() -> None:
     """A journal whose server does not answer raises JournalUnavailable."""
     journal = Journal("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")

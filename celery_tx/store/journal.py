@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
@@ -280,6 +281,9 @@ class Journal:
         ]
         if not (changes or added or changed):
             return after
+        # Not part of the snapshot (two writers' snapshots stay comparable): the
+        # journal's own record of progress, which the sweeps read.
+        changes["updated_at"] = datetime.now(UTC)
         version = before.version + 1
         if self._one_statement:
             return self._save_in_one_statement(

@@ -40,7 +40,7 @@ STEP_MUTABLE_COLUMNS = (
 def tx_to_row(tx: Outcome) -> dict[str, Any]:
     """The transaction row for ``tx`` (without its steps)."""
     row = {column: getattr(tx, column) for column in TX_COLUMNS}
-    row.update(id=tx.id, version=tx.version, deadline_at=tx.deadline)
+    row.update(id=tx.id, version=tx.version, deadline_at=tx.deadline, updated_at=tx.created_at)
     return row
 
 

@@ -12,10 +12,31 @@ from sqlalchemy.engine import Connection, Dialect
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The version of the tables below; bump it and add a migration to change them."""
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+def _add_progress_columns(conn: Connection) -> None:
+    """Version 1 -> 2: ``updated_at`` and ``claimed_until``, for the sweeps."""
+    for column in ("updated_at", "claimed_until"):
+        type_ = UTCDateTime().compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE celery_tx_transactions ADD COLUMN {column} {type_}"))
+    conn.execute(
+        sa.text(
+            "CREATE INDEX ix_celery_tx_transactions_progress "
+            "ON celery_tx_transactions (status, updated_at)"
+        )
+    )
+    # Unknown for rows written before: the last known moment stands in.
+    conn.execute(
+        sa.text(
+            "UPDATE celery_tx_transactions SET updated_at = "
+            "COALESCE(finished_at, started_at, created_at)"
+        )
+    )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_progress_columns}
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
 # An arbitrary constant: the PostgreSQL advisory lock that serializes schema setup.
@@ -77,7 +98,12 @@ transactions = sa.Table(
     sa.Column("started_at", UTCDateTime),
     sa.Column("finished_at", UTCDateTime),
     sa.Column("deadline_at", UTCDateTime),
+    # When any write last changed the transaction: the sweeps find stalled ones by it.
+    sa.Column("updated_at", UTCDateTime),
+    # A sweep's lease on the row: other sweeps leave it alone until then.
+    sa.Column("claimed_until", UTCDateTime),
     sa.Index("ix_celery_tx_transactions_status", "status", "created_at"),
+    sa.Index("ix_celery_tx_transactions_progress", "status", "updated_at"),
     sa.Index("ix_celery_tx_transactions_created", "created_at"),
 )
 
