@@ -26,7 +26,9 @@ from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver.signals import transaction_finished
 from celery_tx.driver.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
+from celery_tx.recovery import SweepReport
 from celery_tx.step_barrier import barrier
+from celery_tx.sweeping import sweep_once  # also connects every worker's sweeps
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,8 @@ __all__ = [
     # the coordinator
     "TransactionCoordinator",
     "CommitHandle",
+    "SweepReport",
+    "sweep_once",
     # participants as Celery tasks
     "participant",
     "ParticipantTask",

@@ -33,6 +33,7 @@ from celery_tx.ids import parse_tx_id
 from celery_tx.local import callables
 from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
+from celery_tx.recovery import CELERY, DEFAULT_STALLED_AFTER, LOCAL, Sweeper, SweepReport
 from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.coordinator")
@@ -60,7 +61,9 @@ class TransactionCoordinator:
     in the working directory is used. With ``app``, constructing the coordinator
     is all a worker needs: the app's participant tasks journal to the same
     database. ``rollback_retry`` is the default policy for retrying an
-    in-process rollback function that raises. ``clock`` and ``sleep`` exist for
+    in-process rollback function that raises. ``default_timeout`` (seconds, or
+    the app's ``celery_tx_default_timeout``) is the deadline of transactions
+    begun without one. ``clock`` and ``sleep`` exist for
     tests that must not wait.
 
     Every method is safe to call from many threads, and several coordinators in
@@ -74,11 +77,17 @@ class TransactionCoordinator:
         *,
         app: Any = None,
         rollback_retry: RetryPolicy | None = None,
+        default_timeout: float | None = None,
         clock: Callable[[], datetime] = _utcnow,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if app is not None and not hasattr(app, "send_task"):
             raise InvalidArgument(f"app must be a Celery app, got {app!r}")
+        if default_timeout is None and app is not None:
+            default_timeout = app.conf.get("celery_tx_default_timeout")
+        check_timeout(default_timeout, "default_timeout")
+        self.default_timeout = default_timeout
+        """The deadline, in seconds, of a transaction begun without ``timeout``."""
         self.app = app
         """The Celery app whose workers run task participants (None: in-process only)."""
         self._journal = (
@@ -116,9 +125,13 @@ class TransactionCoordinator:
     def begin_transaction(self, name: str | None = None, timeout: float | None = None) -> uuid.UUID:
         """Start a PENDING transaction and return its id.
 
-        ``timeout`` (seconds) sets the deadline by which it must be final.
+        ``timeout`` (seconds; default: the coordinator's ``default_timeout``) sets
+        the deadline by which it must be final: ``reap()`` (which every worker
+        runs) rolls it back once the deadline passes.
         """
         _check_name(name)
+        if timeout is None:
+            timeout = self.default_timeout
         now = self._clock()
         tx = Outcome(
             id=uuid.uuid4(),
@@ -373,6 +386,62 @@ class TransactionCoordinator:
         logger.info("transaction rolled back before commit", extra=tx_extra(tx_id))
         return tx
 
+    def reap(self, limit: int = 100) -> SweepReport:
+        """Roll back transactions still PENDING or RUNNING past their deadline.
+
+        A PENDING one ends ROLLED_BACK; a RUNNING one is compensated, its
+        RUNNING step included (its outcome is unknown). In-process
+        transactions are compensated here; Celery ones (with ``app``) by the
+        workers. Safe to run in many processes at once.
+        """
+        return self._sweeper().reap(_check_limit(limit))
+
+    def recover(self, stalled_after: float | None = None, limit: int = 100) -> SweepReport:
+        """Resume RUNNING or COMPENSATING transactions whose journal stopped changing.
+
+        A transaction counts as stalled after ``stalled_after`` seconds without
+        a journal write (default: the app's ``celery_tx_stalled_after``, else 300;
+        it must exceed your longest step). It goes on from the journal alone:
+        its current action again and the rest, or its remaining compensations.
+        In-process transactions run here, which needs their callables to be
+        importable functions; those registered as lambdas or closures by a
+        process that is gone are ended FAILED with the reason, and reported.
+        Celery transactions (with ``app``) are sent to the workers again.
+        """
+        if stalled_after is None:
+            stalled_after = _setting(self.app, "celery_tx_stalled_after", DEFAULT_STALLED_AFTER)
+        check_timeout(stalled_after, "stalled_after")
+        return self._sweeper().recover(stalled_after, _check_limit(limit))
+
+    def retry_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
+        """Run the failed compensations of a FAILED transaction again (an operator's call).
+
+        Use it once the cause is fixed (a bug in a compensation, a service that
+        was down). In-process compensations run here and the final snapshot is
+        returned; Celery ones are sent and the COMPENSATING snapshot is returned
+        (``commit_transaction_async``-style: poll ``get_transaction``).
+        """
+        tx = self._load(parse_tx_id(tx_id))
+        tx = self._journal.apply(tx, lambda t: tr.retry_failed(t, self._clock()), durable=True)
+        logger.warning("retrying the failed compensations", extra=tx_extra(tx.id))
+        if _is_celery(tx):
+            self._send_from(tx, None)
+            return tx
+        calls = [self._resolve(tx.id, step) for step in tx.steps]
+        return self._runner.run_compensations(tx, calls)
+
+    def _sweeper(self, drivers: tuple[str, ...] = (LOCAL, CELERY)) -> Sweeper:
+        send = self._send_from if self.app is not None else None
+        return Sweeper(self._journal, self._clock, self._runner, self._resolve, send, drivers)
+
+    def _send_from(self, tx: Outcome, position: int | None) -> None:
+        """Send a Celery transaction's actions from ``position``, or its compensations."""
+        if position is None:
+            dispatch.send_compensations(self.app, self._journal, tx)
+        else:
+            signatures = dispatch.action_signatures(self.app, tx)[position:]
+            dispatch.send_actions(self.app, tx, signatures)
+
     def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """The transaction as journaled now, whoever wrote it."""
         tx = self._load(parse_tx_id(tx_id))
@@ -470,6 +539,18 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:  # lone surrogates, e.g. from an OS-supplied name
         return False
     return True
+
+
+def _check_limit(limit: object) -> int:
+    if type(limit) is not int or limit < 1:
+        raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}")
+    return limit
+
+
+def _setting(app: Any, key: str, default: float) -> float:
+    """A number from the app's configuration (``celery_tx_*`` keys), else ``default``."""
+    value = app.conf.get(key) if app is not None else None
+    return default if value is None else float(value)
 
 
 def _deadline(now: datetime, timeout: object) -> datetime:

@@ -89,11 +89,11 @@ class CommitHandle:
         )
 
 
-def check_timeout(timeout: object) -> None:
+def check_timeout(timeout: object, what: str = "timeout") -> None:
     """Refuse a timeout that is not None or a finite number of seconds, zero or more."""
     if timeout is None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
+        raise InvalidArgument(f"{what} must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout) or timeout < 0:
-        raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
+        raise InvalidArgument(f"{what} must be zero or more seconds, got {timeout!r}")

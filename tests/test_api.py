@@ -24,6 +24,8 @@ PUBLIC = {
     "TransactionCoordinator",
     "barrier",
     "transaction_finished",
+    "SweepReport",
+    "sweep_once",
     "Outcome",
     "StepOutcome",
     "TxStatus",

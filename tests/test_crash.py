@@ -70,3 +70,19 @@ def test_sigkill_mid_transaction_leaves_every_effect_accounted_for(
         assert set(done) <= applied  # DONE means its effect happened
     if outcome.status is TxStatus.COMMITTED:
         assert applied == set(by_name)
+
+    # A new process resumes it from the journal: the step of unknown outcome
+    # runs again (at least once), the rest once, and the transaction commits.
+    with TransactionCoordinator(database_url) as recovering:
+        report = recovering.recover(stalled_after=0)
+        recovered = recovering.get_transaction(outcome.id)
+    effects = log.read_text().splitlines() if log.exists() else []
+    if outcome.status is TxStatus.RUNNING:
+        assert report.resumed == [outcome.id]
+        assert recovered.status is TxStatus.COMMITTED
+        assert {line.split()[0] for line in effects} == set(by_name)
+        # Only the step that was RUNNING at the kill may have run twice.
+        assert len(effects) - len(set(effects)) <= 1
+    else:
+        assert report.resumed == []
+        assert recovered.status is outcome.status

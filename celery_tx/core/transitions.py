@@ -171,12 +171,12 @@ def begin_compensation(
     return _finish_rollback_if_done(tx, now)
 
 
-def rollback_pending(tx: Outcome, now: datetime) -> Outcome:
+def rollback_pending(tx: Outcome, now: datetime, *, error: str | None = None) -> Outcome:
     """PENDING -> ROLLED_BACK with every step SKIPPED: nothing ran, nothing to undo."""
     require_pending(tx, "roll back")
     for step in tx.steps:
         tx = _move_step(tx, step.position, S.SKIPPED)
-    return _move(tx, T.ROLLED_BACK, finished_at=now)
+    return _move(tx, T.ROLLED_BACK, finished_at=now, error=error)
 
 
 def steps_to_compensate(tx: Outcome) -> list[int]:
@@ -243,6 +243,40 @@ def _finish_rollback_if_done(tx: Outcome, now: datetime) -> Outcome:
         failed_step=first.name,
         error=f"compensation of {first.name!r} failed: {first.compensation_error}",
     )
+
+
+def resume_point(tx: Outcome) -> int:
+    """The step a RUNNING transaction goes on from: the first one not DONE."""
+    _require(tx, T.RUNNING, "resume the actions")
+    return next(step.position for step in tx.steps if step.status is not S.DONE)
+
+
+def resume_compensations(tx: Outcome, now: datetime) -> Outcome:
+    """A COMPENSATING transaction taken up again by recovery.
+
+    The newest step still to undo is marked started again (a new attempt), so
+    the write that records the resumption is a compare-and-set only one sweep
+    wins; with nothing left to undo, the transaction ends as its steps say.
+    """
+    _require(tx, T.COMPENSATING, "resume the compensations")
+    due = steps_to_compensate(tx)
+    if not due:
+        return _finish_rollback_if_done(tx, now)
+    return start_compensation(tx, due[0], now)
+
+
+def abandon_compensations(tx: Outcome, reason: str, now: datetime) -> Outcome:
+    """Record every step still to undo as COMPENSATION_FAILED for ``reason``: FAILED.
+
+    For a transaction nobody can run the compensations of (in-process
+    callables that no other process can import); an operator retries it
+    (``retry_failed``) from a process that can.
+    """
+    _require(tx, T.COMPENSATING, "abandon the compensations")
+    for position in steps_to_compensate(tx):
+        tx = start_compensation(tx, position, now)
+        tx = fail_compensation(tx, position, reason, now)
+    return _finish_rollback_if_done(tx, now) if tx.status is T.COMPENSATING else tx
 
 
 def retry_failed(tx: Outcome, now: datetime) -> Outcome:

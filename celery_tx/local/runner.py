@@ -78,11 +78,13 @@ class LocalRunner:
         self.sleep = sleep
         self.retry = retry
 
-    def run_actions(self, tx: Outcome, calls: Sequence[LocalCall]) -> Outcome:
-        """Call the actions of a RUNNING transaction whose first step is RUNNING."""
+    def run_actions(self, tx: Outcome, calls: Sequence[LocalCall], start: int = 0) -> Outcome:
+        """Call the actions of a RUNNING transaction from step ``start``, which is RUNNING."""
         results: dict[int, Any] = {}
         interrupt: BaseException | None = None
         for position, call in enumerate(calls):
+            if position < start:  # DONE before a recovery resumed the rest
+                continue
             try:
                 with running_step(self._context(tx, position, "action")):
                     results[position] = call.action()

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
@@ -249,6 +249,51 @@ class Journal:
             return None if value is None else TxStatus(value)
 
         return self._run(statements, write=False)
+
+    def claim(
+        self,
+        *,
+        statuses: Sequence[TxStatus],
+        drivers: Sequence[str],
+        now: datetime,
+        lease: float,
+        limit: int,
+        deadline_before: datetime | None = None,
+        updated_before: datetime | None = None,
+    ) -> list[uuid.UUID]:
+        """Lease up to ``limit`` transactions a sweep should look at; their ids.
+
+        Candidates have one of ``statuses`` and ``drivers``, a deadline before
+        ``deadline_before`` and/or a last write before ``updated_before``, and
+        no other sweep's lease running. Each is leased for ``lease`` seconds in
+        the same statement: concurrent sweeps get disjoint sets (on PostgreSQL
+        rows another sweep is claiming are skipped, not waited for: ``FOR
+        UPDATE SKIP LOCKED``; SQLite serialises the claims). The lease only
+        spreads the work: every change a sweep then makes is still a
+        compare-and-set.
+        """
+        candidates = sa.select(_t.c.id).where(
+            _t.c.status.in_([s.value for s in statuses]),
+            _t.c.driver.in_(list(drivers)),
+            sa.or_(_t.c.claimed_until.is_(None), _t.c.claimed_until < now),
+        )
+        if deadline_before is not None:
+            candidates = candidates.where(_t.c.deadline_at < deadline_before)
+        if updated_before is not None:
+            candidates = candidates.where(_t.c.updated_at < updated_before)
+        candidates = candidates.order_by(_t.c.created_at).limit(limit)
+        candidates = candidates.with_for_update(skip_locked=True)  # SQLite renders none
+        statement = (
+            sa.update(_t)
+            .where(_t.c.id.in_(candidates.scalar_subquery()))
+            .values(claimed_until=now + timedelta(seconds=lease))
+            .returning(_t.c.id)
+        )
+
+        def statements(conn: Connection) -> list[uuid.UUID]:
+            return list(conn.execute(statement).scalars())
+
+        return self._run(statements, write=True)
 
     # -- writes --------------------------------------------------------------
 

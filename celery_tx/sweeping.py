@@ -1,0 +1,90 @@
+"""The sweeps inside every worker, on a timer, and as a task for beat.
+
+Each worker's main process runs ``reap`` and ``recover`` for Celery
+transactions when it is ready and then every ``celery_tx_sweep_interval``
+seconds (default 30; 0 turns it off), so no beat process is needed. Any number
+of workers sweep at once without doing work twice (see ``celery_tx.recovery``).
+``celery_tx.sweep`` does the same as a task, for those who schedule it with beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import current_app, shared_task
+from celery.signals import worker_ready, worker_shutdown
+
+from celery_tx.coordinator import TransactionCoordinator
+from celery_tx.recovery import CELERY, DEFAULT_STALLED_AFTER, SweepReport
+
+logger = logging.getLogger("celery_tx.recovery")
+
+SWEEP_TASK = "celery_tx.sweep"
+DEFAULT_INTERVAL = 30.0
+
+_stop = threading.Event()
+
+
+def sweep_once(app: Any) -> SweepReport:
+    """Reap, then recover, the Celery transactions of ``app``'s journal.
+
+    Workers leave in-process transactions alone: their callables belong to the
+    application that registered them (``coordinator.recover()`` there).
+    """
+    coordinator = TransactionCoordinator(app=app)  # the journal is shared per app
+    stalled_after = float(app.conf.get("celery_tx_stalled_after") or DEFAULT_STALLED_AFTER)
+    sweeper = coordinator._sweeper(drivers=(CELERY,))
+    report = sweeper.reap()
+    recovered = sweeper.recover(stalled_after)
+    report.resumed += recovered.resumed
+    report.failed += recovered.failed
+    report.errors += recovered.errors
+    if report:
+        logger.warning(
+            "sweep: %d rolled back past their deadline, %d resumed, %d left for later",
+            *(len(report.rolled_back), len(report.resumed), len(report.errors)),
+        )
+    return report
+
+
+@shared_task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+def sweep() -> dict[str, int]:
+    """One sweep, for a beat schedule: ``{"task": "celery_tx.sweep", "schedule": 30}``."""
+    report = sweep_once(current_app)
+    return {
+        "rolled_back": len(report.rolled_back),
+        "resumed": len(report.resumed),
+        "errors": len(report.errors),
+    }
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_sweeping(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+    interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
+    if interval <= 0:
+        return
+    _stop.clear()
+    # A daemon thread of the worker's main process: it sends with the app's
+    # producer pool, never the consumer's connection, and dies with the worker.
+    thread = threading.Thread(
+        target=_sweep_forever, args=(app, interval), name="celery-tx-sweeper", daemon=True
+    )
+    thread.start()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_sweeping(**_: Any) -> None:
+    _stop.set()
+
+
+def _sweep_forever(app: Any, interval: float) -> None:
+    while True:
+        try:
+            sweep_once(app)
+        except Exception:  # a sweep must never kill the thread: the next one retries
+            logger.exception("sweep failed")
+        if _stop.wait(interval):
+            return

@@ -1,0 +1,277 @@
+"""The sweeps in-process: deadlines reaped, stalled transactions resumed, failed ones retried.
+
+A transaction is put in the state a crash leaves (RUNNING with a step of unknown
+outcome, COMPENSATING half-way) by writing the journal the way the dead process
+had, then a new coordinator, with its clock moved on, sweeps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from celery_tx import (
+    InvalidArgument,
+    StepStatus,
+    SweepReport,
+    TransactionCoordinator,
+    TransactionStateError,
+    TxStatus,
+)
+from celery_tx.core import transitions as tr
+from tests.conftest import FAST_RETRY
+from tests.participants import append_line, fail_with
+
+
+class Clock:
+    """Real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sweeper(database_url: str, clock: Clock) -> Iterator[TransactionCoordinator]:
+    """Another coordinator on the same journal: the process that sweeps."""
+    with TransactionCoordinator(database_url, rollback_retry=FAST_RETRY, clock=clock) as c:
+        yield c
+
+
+def effects(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def register_steps(
+    coordinator: TransactionCoordinator, log: Path, count: int, timeout: float | None = None
+) -> uuid.UUID:
+    """A transaction of importable participants that append to ``log``."""
+    tx_id = coordinator.begin_transaction(name="recover-me", timeout=timeout)
+    for i in range(count):
+        coordinator.register_participant(
+            tx_id,
+            f"s{i}",
+            functools.partial(append_line, str(log), f"s{i} action"),
+            functools.partial(append_line, str(log), f"s{i} compensation"),
+        )
+    return tx_id
+
+
+def crash_after(coordinator: TransactionCoordinator, tx_id: uuid.UUID, done: int, log: Path):
+    """Journal what a process that died while running step ``done`` leaves behind."""
+    journal = coordinator._journal
+    tx = journal.load(tx_id)
+    now = datetime.now(UTC)
+    tx = journal.apply(tx, lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+    for position in range(done):
+        append_line(str(log), f"s{position} action")
+        tx = journal.apply(tx, lambda t, p=position: tr.advance(t, p, None, now))
+    return tx
+
+
+def test_a_stalled_running_transaction_goes_on_from_its_current_step(
+    coordinator, sweeper, clock, tmp_path
+):
+    log = tmp_path / "effects.log"
+    tx_id = register_steps(coordinator, log, 4)
+    crash_after(coordinator, tx_id, done=2, log=log)  # s2 RUNNING, outcome unknown
+
+    assert sweeper.recover(stalled_after=60) == SweepReport()  # not stalled yet
+    clock.advance(61)
+    report = sweeper.recover(stalled_after=60)
+
+    assert report.resumed == [tx_id]
+    outcome = sweeper.get_transaction(tx_id)
+    assert outcome.status is TxStatus.COMMITTED
+    assert effects(log) == ["s0 action", "s1 action", "s2 action", "s3 action"]
+    assert [s.attempts for s in outcome.steps] == [1, 1, 2, 1]  # s2 ran again, counted
+
+
+def test_a_stalled_compensating_transaction_finishes_its_rollback(
+    coordinator, sweeper, clock, tmp_path
+):
+    log = tmp_path / "effects.log"
+    tx_id = register_steps(coordinator, log, 3)
+    tx = crash_after(coordinator, tx_id, done=2, log=log)
+    journal = coordinator._journal
+    now = datetime.now(UTC)
+    tx = journal.apply(tx, lambda t: tr.fail_action(t, 2, "Boom", now))
+    tx = journal.apply(tx, lambda t: tr.start_compensation(t, 2, now))  # then the crash
+
+    clock.advance(301)
+    report = sweeper.recover()  # the default stall time: 300 s
+
+    assert report.resumed == [tx_id]
+    outcome = sweeper.get_transaction(tx_id)
+    assert outcome.status is TxStatus.ROLLED_BACK
+    assert [s.status for s in outcome.steps] == [StepStatus.COMPENSATED] * 3
+    assert effects(log)[2:] == ["s2 compensation", "s1 compensation", "s0 compensation"]
+
+
+def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, sweeper, clock):
+    with TransactionCoordinator(database_url) as dead:
+        tx_id = dead.begin_transaction()
+        dead.register_participant(tx_id, "closure", lambda: None, lambda: None)
+        journal = dead._journal
+        now = datetime.now(UTC)
+        journal.apply(
+            journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
+        )
+
+    clock.advance(301)
+    report = sweeper.recover()
+
+    assert [tx for tx, _ in report.failed] == [tx_id]
+    assert "cannot be resumed by another process" in report.failed[0][1]
+    outcome = sweeper.get_transaction(tx_id)
+    assert outcome.status is TxStatus.FAILED
+    assert outcome.steps[0].status is StepStatus.COMPENSATION_FAILED
+    assert "not an importable function" in outcome.steps[0].compensation_error
+
+
+def test_a_pending_transaction_past_its_deadline_is_rolled_back(
+    coordinator, sweeper, clock, tmp_path
+):
+    log = tmp_path / "effects.log"
+    late = register_steps(coordinator, log, 2, timeout=30)
+    on_time = register_steps(coordinator, log, 2, timeout=3600)
+    no_deadline = register_steps(coordinator, log, 2)
+
+    clock.advance(31)
+    report = sweeper.reap()
+
+    assert report.rolled_back == [late]
+    outcome = sweeper.get_transaction(late)
+    assert outcome.status is TxStatus.ROLLED_BACK
+    assert "deadline" in outcome.error
+    assert {s.status for s in outcome.steps} == {StepStatus.SKIPPED}
+    assert sweeper.get_transaction(on_time).status is TxStatus.PENDING
+    assert sweeper.get_transaction(no_deadline).status is TxStatus.PENDING
+    with pytest.raises(TransactionStateError):
+        coordinator.commit_transaction(late)
+    assert effects(log) == []
+
+
+def test_a_running_transaction_past_its_deadline_is_compensated(
+    coordinator, sweeper, clock, tmp_path
+):
+    log = tmp_path / "effects.log"
+    tx_id = register_steps(coordinator, log, 3, timeout=30)
+    crash_after(coordinator, tx_id, done=1, log=log)  # s1 RUNNING: maybe applied
+
+    clock.advance(31)
+    report = sweeper.reap()
+
+    assert report.rolled_back == [tx_id]
+    outcome = sweeper.get_transaction(tx_id)
+    assert outcome.status is TxStatus.ROLLED_BACK
+    assert outcome.failed_step == "s1"
+    assert [s.status for s in outcome.steps] == [
+        StepStatus.COMPENSATED,
+        StepStatus.COMPENSATED,  # RUNNING counts as unknown: compensated
+        StepStatus.SKIPPED,
+    ]
+    assert effects(log) == ["s0 action", "s1 compensation", "s0 compensation"]
+
+
+def test_the_default_timeout_sets_a_deadline(database_url, clock):
+    with TransactionCoordinator(database_url, default_timeout=5, clock=clock) as coordinator:
+        tx_id = coordinator.begin_transaction()
+        explicit = coordinator.begin_transaction(timeout=50)
+        deadline = coordinator.get_transaction(tx_id).deadline
+        created = coordinator.get_transaction(tx_id).created_at
+        assert deadline - created == timedelta(seconds=5)
+        later = coordinator.get_transaction(explicit)
+        assert later.deadline - later.created_at == timedelta(seconds=50)
+
+
+def test_concurrent_sweeps_resume_each_transaction_once(database_url, clock, tmp_path):
+    log = tmp_path / "effects.log"
+    with TransactionCoordinator(database_url) as dead:
+        stalled = [register_steps(dead, log, 2) for _ in range(12)]
+        for tx_id in stalled:
+            crash_after(dead, tx_id, done=1, log=log)
+    clock.advance(301)
+    reports: list[SweepReport] = []
+    start = threading.Barrier(4)
+
+    def sweep() -> None:
+        with TransactionCoordinator(database_url, clock=clock) as coordinator:
+            start.wait()
+            reports.append(coordinator.recover())
+
+    threads = [threading.Thread(target=sweep) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    resumed = [tx for report in reports for tx in report.resumed]
+    assert sorted(resumed) == sorted(stalled)  # each exactly once, by one sweep
+    assert effects(log).count("s1 action") == 12
+
+
+def test_a_failed_transaction_is_retried_by_an_operator(coordinator, tmp_path):
+    log = tmp_path / "effects.log"
+    flaky = tmp_path / "broken"
+    flaky.touch()
+    tx_id = coordinator.begin_transaction()
+    coordinator.register_participant(
+        tx_id,
+        "undo-breaks",
+        functools.partial(append_line, str(log), "a action"),
+        functools.partial(_undo_unless_broken, str(flaky), str(log)),
+    )
+    coordinator.register_participant(tx_id, "fails", functools.partial(fail_with, "no"), print)
+    assert coordinator.commit_transaction(tx_id).status is TxStatus.FAILED
+
+    flaky.unlink()  # the operator fixed the cause
+    outcome = coordinator.retry_transaction(tx_id)
+
+    assert outcome.status is TxStatus.ROLLED_BACK
+    assert effects(log) == ["a action", "a compensation"]
+    with pytest.raises(TransactionStateError):
+        coordinator.retry_transaction(tx_id)  # only a FAILED one
+
+
+def _undo_unless_broken(flag: str, log: str) -> None:
+    if Path(flag).exists():
+        fail_with("the compensation's service is down")
+    append_line(log, "a compensation")
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs"),
+    [
+        ("recover", {"limit": 0}),
+        ("recover", {"limit": 1.5}),
+        ("recover", {"stalled_after": -1}),
+        ("recover", {"stalled_after": float("nan")}),
+        ("recover", {"stalled_after": "300"}),
+        ("reap", {"limit": -3}),
+    ],
+)
+def test_bad_sweep_arguments_are_refused(sweeper, call, kwargs):
+    with pytest.raises(InvalidArgument):
+        getattr(sweeper, call)(**kwargs)
+
+
+def test_a_bad_default_timeout_is_refused(database_url):
+    with pytest.raises(InvalidArgument):
+        TransactionCoordinator(database_url, default_timeout=-1)
