@@ -9,6 +9,7 @@ skipping.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,12 @@ import sqlalchemy as sa
 from celery_tx import RetryPolicy, TransactionCoordinator
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Tests that use the project's celeryconfig.py (its embedded broker folder and
+# journal) get a folder of their own, never the user's ./.celery_tx: a demo or
+# another test run there must not take this run's messages. Set before any test
+# imports celeryconfig, which reads it once.
+os.environ.setdefault("CELERY_TX_DATA_DIR", tempfile.mkdtemp(prefix="celery_tx_tests_"))
 PG_ADMIN_URL = os.environ.get(
     "CELERY_TX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +22,24 @@ from tests.stacks import AMQP_URL, REDIS_URL, _check_rabbitmq, _check_redis
 def _run_demo(
     env: dict[str, str], *args: str, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "example_shop", "demo", *args],
+    """Run the demo in a process group of its own: on a timeout its worker dies with it."""
+    command = [sys.executable, "-m", "example_shop", "demo", *args]
+    with subprocess.Popen(
+        command,
         cwd=PROJECT_ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
-    )
+        start_new_session=True,
+    ) as demo:
+        try:
+            stdout, stderr = demo.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            stdout, stderr = demo.communicate()
+            pytest.fail(f"the demo took over {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, demo.returncode, stdout, stderr)
 
 
 def _clean_env(data_dir: Path) -> dict[str, str]:
