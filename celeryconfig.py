@@ -8,6 +8,11 @@
   on its own journal, not on task results.
 - ``CELERY_TX_DATABASE_URL``: the celery-tx journal. Unset: a SQLite file in
   ``$CELERY_TX_DATA_DIR``.
+- ``CELERY_TX_SWEEP_INTERVAL`` (30): seconds between each worker's sweeps (0: none).
+- ``CELERY_TX_STALLED_AFTER`` (300): seconds without a journal write after which
+  a sweep resumes a transaction; more than your longest step.
+- ``CELERY_TX_DEFAULT_TIMEOUT`` (unset: none): the deadline, in seconds, of
+  transactions begun without one.
 
 Use it with ``app.config_from_object("celeryconfig")``.
 """
@@ -23,6 +28,15 @@ broker_url = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
 result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
 celery_tx_database_url = os.environ.get("CELERY_TX_DATABASE_URL") or (
     f"sqlite:///{_data_dir / 'journal.sqlite3'}"
+)
+
+# The sweeps every worker runs (celery_tx/sweeping.py).
+celery_tx_sweep_interval = float(os.environ.get("CELERY_TX_SWEEP_INTERVAL") or 30)
+celery_tx_stalled_after = float(os.environ.get("CELERY_TX_STALLED_AFTER") or 300)
+celery_tx_default_timeout = (
+    float(os.environ["CELERY_TX_DEFAULT_TIMEOUT"])
+    if os.environ.get("CELERY_TX_DEFAULT_TIMEOUT")
+    else None
 )
 
 if broker_url.startswith("filesystem://"):

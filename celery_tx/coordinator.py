@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -492,7 +493,9 @@ def _adding(step: StepOutcome) -> Callable[[Outcome], Outcome]:
                 + ("Celery tasks" if _is_celery(tx) else "plain callables")
                 + "; one transaction cannot mix callables and Celery signatures"
             )
-        return tr.add_step(tx, step)
+        tx = tr.add_step(tx, step)
+        # Journaled, so the sweeps pick the transactions their process can run.
+        return replace(tx, driver=CELERY) if messages.is_celery_step(step.action) else tx
 
     return event
 

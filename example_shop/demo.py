@@ -14,6 +14,7 @@ import argparse
 import os
 import random
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from sqlalchemy.engine import make_url
 from celery_tx import TransactionCoordinator, TxStatus
 from example_shop import invariants, settings
 from example_shop.app import app, coordinator
-from example_shop.checkout import PlacedOrder, place_order
+from example_shop.checkout import place_order
 from example_shop.runtime import CATALOG, reset_shop, start_worker, stop_worker
 from example_shop.services import orders
 from example_shop.smtp_sink import REFUSED_DOMAIN, SmtpSink
@@ -72,21 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"orders:  {_redacted(settings.service_location('orders').url)}", file=out)
     reset_shop(scenario.balances, scenario.stock)
     log_path = settings.data_dir() / "demo-worker.log"
-    with SmtpSink() as sink, log_path.open("w") as log:
+    with SmtpSink(port=args.smtp_port) as sink, log_path.open("w") as log:
         os.environ["SHOP_SMTP_PORT"] = str(sink.port)  # the worker inherits it
         worker = (
             None if args.no_worker else start_worker(concurrency=args.worker_concurrency, log=log)
         )
         try:
             started = time.monotonic()
-            placed = _place_all(coordinator, scenario, args.concurrency, out)
-            outcomes = _wait_final(coordinator, placed, args.timeout, out)
+            final = _run_orders(coordinator, scenario, args.concurrency, args.timeout, out)
             elapsed = time.monotonic() - started
-            reconciled = _settle(coordinator, outcomes)
+            reconciled = _settle(coordinator, final)
         finally:
             if worker is not None:
                 stop_worker(worker)
-        final = [invariants.Placed(p.order_id, outcomes[p.transaction_id]) for p in placed]
         broken = invariants.check(final, sink.received.emails_by_order())
         _summary(final, elapsed, reconciled, sink, out)
     if broken:
@@ -115,56 +114,63 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-worker", action="store_true", help="use workers already running instead of one"
     )
+    parser.add_argument(
+        "--smtp-port",
+        type=_positive,
+        default=0,
+        help="port of the mail sink (default: a free one); workers you run must send there",
+    )
     return parser
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
-def _place_all(
-    coordinator: TransactionCoordinator, scenario: Scenario, concurrency: int, out: TextIO
-) -> list[PlacedOrder]:
-    def place(order: tuple[str, list[dict[str, Any]]]) -> PlacedOrder:
+def _run_orders(
+    coordinator: TransactionCoordinator,
+    scenario: Scenario,
+    concurrency: int,
+    timeout: float,
+    out: TextIO,
+) -> list[invariants.Placed]:
+    """``concurrency`` customers, each placing an order and waiting for its outcome
+    before the next, as people at a checkout do; returns every final snapshot."""
+    deadline = time.monotonic() + timeout
+    finished: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def place(order: tuple[str, list[dict[str, Any]]]) -> invariants.Placed:
         customer, items = order
-        return place_order(coordinator, customer, scenario.emails[customer], items)
+        placed = place_order(coordinator, customer, scenario.emails[customer], items)
+        try:
+            outcome = placed.handle.wait(max(deadline - time.monotonic(), 0))
+        except TimeoutError:  # reported by the invariant check as not final
+            outcome = coordinator.get_transaction(placed.transaction_id)
+        with lock:
+            finished[outcome.status.value] += 1
+        return invariants.Placed(placed.order_id, outcome)
+
+    def line() -> str:
+        with lock:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(finished.items()))
+            return f"{sum(finished.values())}/{len(scenario.orders)} orders: {counts}"
 
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(place, order) for order in scenario.orders]
-        _progress(
-            out,
-            lambda: f"placing {sum(f.done() for f in futures)}/{len(futures)}",
-            lambda: all(f.done() for f in futures),
-        )
+        _progress(out, line, lambda: all(f.done() for f in futures))
         return [f.result() for f in futures]
 
 
-def _wait_final(
-    coordinator: TransactionCoordinator, placed: list[PlacedOrder], timeout: float, out: TextIO
-) -> dict[Any, Any]:
-    status: dict[Any, TxStatus] = {p.transaction_id: TxStatus.RUNNING for p in placed}
-    deadline = time.monotonic() + timeout
-
-    def poll() -> bool:
-        for tx_id, known in status.items():
-            if not known.is_final:
-                status[tx_id] = coordinator.get_transaction(tx_id).status
-        return all(s.is_final for s in status.values()) or time.monotonic() > deadline
-
-    def line() -> str:
-        counts = Counter(s.value for s in status.values())
-        return "running: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-
-    _progress(out, line, poll)
-    return {tx_id: coordinator.get_transaction(tx_id) for tx_id in status}
-
-
-def _settle(coordinator: TransactionCoordinator, outcomes: dict[Any, Any]) -> int:
+def _settle(coordinator: TransactionCoordinator, final: list[invariants.Placed]) -> int:
     """Give the workers time to confirm the committed orders, then reconcile the rest."""
-    committed = {str(t) for t, o in outcomes.items() if o.status is TxStatus.COMMITTED}
+    committed = {str(p.outcome.id) for p in final if p.outcome.status is TxStatus.COMMITTED}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         pending = {

@@ -129,3 +129,20 @@ def test_a_real_worker_runs_tasks_sent_by_another_process(tmp_path: Path) -> Non
             worker.kill()
             worker.wait()
         log.close()
+
+
+def test_the_sweeps_are_configured_from_the_environment(tmp_path: Path) -> None:
+    """Each worker's sweep interval, the stall time and a default deadline."""
+    default = _config(tmp_path)
+    assert default["celery_tx_sweep_interval"] == 30
+    assert default["celery_tx_stalled_after"] == 300
+    assert default["celery_tx_default_timeout"] is None
+    chosen = _config(
+        tmp_path,
+        CELERY_TX_SWEEP_INTERVAL="0",
+        CELERY_TX_STALLED_AFTER="60",
+        CELERY_TX_DEFAULT_TIMEOUT="120",
+    )
+    assert chosen["celery_tx_sweep_interval"] == 0
+    assert chosen["celery_tx_stalled_after"] == 60
+    assert chosen["celery_tx_default_timeout"] == 120

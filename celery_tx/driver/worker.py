@@ -32,7 +32,7 @@ from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
-from celery_tx.driver import binding
+from celery_tx.driver import binding, dispatch
 from celery_tx.driver.messages import StepMessage
 from celery_tx.driver.signals import announce_if_final
 from celery_tx.logs import tx_extra
@@ -80,6 +80,8 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         return step.result
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
+    if tx.deadline is not None and _now() > tx.deadline:
+        _abort_past_deadline(task, journal, tx, position)
     if step.status is StepStatus.PENDING or _redelivered(task):
         # The first step (and one nobody marked) is journaled RUNNING here; the
         # others were, by the write that ended the step before. A redelivery
@@ -117,6 +119,26 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         logger.info("transaction committed", extra=tx_extra(tx.id))
         announce_if_final(tx)
     return result
+
+
+def _abort_past_deadline(task: Any, journal: Journal, tx: Outcome, position: int) -> NoReturn:
+    """Roll back instead of starting an action after the transaction's deadline.
+
+    What the reaper would do a moment later; done here, the action never runs.
+    """
+    error = f"deadline {tx.deadline.isoformat() if tx.deadline else ''} passed"
+    running = tx.steps[position].name if tx.steps[position].status is StepStatus.RUNNING else None
+
+    def abort(t: Outcome) -> Outcome:
+        return tr.begin_compensation(t, _now(), failed_step=running, error=error)
+
+    tx = _apply_or_too_late(journal, tx, position, "action", abort)
+    logger.warning("rolling back: %s", error, extra=tx_extra(tx.id, running))
+    if tx.status is TxStatus.COMPENSATING:
+        dispatch.send_compensations(task.app, journal, tx)
+    else:
+        announce_if_final(tx)
+    raise Ignore()
 
 
 def _start(position: int) -> Event:

@@ -1,0 +1,134 @@
+"""The sweeps in real `celery worker` processes: a lost message, a deadline.
+
+A transaction is committed while no worker runs and its message is then lost
+(the queue purged, as a broker restart without persistence would). A worker
+started afterwards finds it with its own timer-driven sweep, with no beat and
+no client involved.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from celery_tx import TransactionCoordinator, TxStatus
+from tests.apps import tasks
+from tests.apps.tasks import effects
+from tests.stacks import Stack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def sender(stack: Stack) -> Iterator[tuple[Celery, TransactionCoordinator]]:
+    """The client side, on the worker's default queue."""
+    stack.queue = "celery"
+    stack.clean_broker()
+    app = Celery("sender")
+    app.config_from_object(stack.celery_config())
+    with app.connection_for_write() as connection:  # so that the message is there to lose
+        app.amqp.queues["celery"](connection.default_channel).declare()
+    coordinator = TransactionCoordinator(app=app)
+    yield app, coordinator
+    coordinator.close()
+
+
+def _start_worker(stack: Stack, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **stack.worker_env(),
+        "PYTHONPATH": str(ROOT),
+        "CELERY_TX_SWEEP_INTERVAL": "0.5",
+        "CELERY_TX_STALLED_AFTER": "1",
+    }
+    with log.open("w") as output:
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "tests.apps.embedded", "worker"),
+                *("-P", "prefork", "-c", "2", "--loglevel=INFO"),
+                *("--without-heartbeat", "--without-gossip", "--without-mingle"),
+            ],
+            env=env,
+            cwd=log.parent,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    try:
+        worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def _lose_messages(app: Celery) -> None:
+    """What a broker restart without persistence does to the queue.
+
+    Publishing is asynchronous (AMQP without confirms): purge until the
+    message was there to lose.
+    """
+    deadline = time.monotonic() + 10
+    with app.connection_for_write() as connection:
+        while not connection.default_channel.queue_purge("celery"):
+            assert time.monotonic() < deadline, "the message never reached the queue"
+            time.sleep(0.01)
+
+
+def test_a_transaction_whose_message_was_lost_is_resumed_by_a_worker(
+    stack: Stack, sender, tmp_path: Path
+):
+    app, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="lost")
+    for name in ("a", "b", "c"):
+        coordinator.register_participant(tx_id, name, tasks.step.s(str(path), name))
+    handle = coordinator.commit_transaction_async(tx_id)
+    _lose_messages(app)
+    time.sleep(1.2)  # stalled: no journal write for longer than CELERY_TX_STALLED_AFTER
+
+    worker = _start_worker(stack, tmp_path / "worker.log")
+    try:
+        outcome = handle.wait(timeout=60)
+    finally:
+        _stop(worker)
+    log = (tmp_path / "worker.log").read_text()
+    assert outcome.status is TxStatus.COMMITTED, log[-3000:]
+    assert effects(path) == ["a:action", "b:action", "c:action"]
+    # The lost first step never started: the sweep journaled it started, once.
+    assert [s.attempts for s in outcome.steps] == [1, 1, 1]
+    assert "resuming the actions at 'a'" in log
+
+
+@pytest.mark.parametrize("lost", [True, False], ids=["message-lost", "message-late"])
+def test_a_transaction_past_its_deadline_is_rolled_back_by_a_worker(
+    stack: Stack, sender, tmp_path: Path, lost: bool
+):
+    """Lost: the worker's reaper rolls it back. Late: the worker refuses to start
+    the action and rolls it back itself."""
+    app, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="late", timeout=0.5)
+    coordinator.register_participant(tx_id, "a", tasks.step.s(str(path), "a"))
+    handle = coordinator.commit_transaction_async(tx_id)
+    if lost:
+        _lose_messages(app)
+    time.sleep(0.6)
+
+    worker = _start_worker(stack, tmp_path / "worker.log")
+    try:
+        outcome = handle.wait(timeout=60)
+    finally:
+        _stop(worker)
+    assert outcome.status is TxStatus.ROLLED_BACK, (tmp_path / "worker.log").read_text()[-3000:]
+    assert "deadline" in outcome.error
+    assert effects(path) == []
