@@ -6,9 +6,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from celery_tx import CommitHandle, TransactionCoordinator
+from celery_tx import BrokerUnavailable, CommitHandle, TransactionCoordinator
 from example_shop.services import inventory, notifications, orders, payments
 from example_shop.services.errors import InvalidOrder
+
+
+class OrderNotPlaced(BrokerUnavailable):
+    """The broker refused the order's transaction: it was rolled back, nothing ran.
+
+    (If a worker got the first step after all, the transaction is being
+    compensated and the sweeps finish it.) The customer may simply try again.
+    """
+
+    def __init__(self, message: str, order_id: str, transaction_id: uuid.UUID) -> None:
+        super().__init__(message)
+        self.order_id = order_id
+        self.transaction_id = transaction_id
 
 
 @dataclass(frozen=True)
@@ -52,5 +65,8 @@ def place_order(
     ]
     for service, action in steps:
         coordinator.register_participant(tx_id, service, action)
-    handle = coordinator.commit_transaction_async(tx_id)
+    try:
+        handle = coordinator.commit_transaction_async(tx_id)
+    except BrokerUnavailable as exc:
+        raise OrderNotPlaced(str(exc), order_id, tx_id) from exc
     return PlacedOrder(order_id, tx_id, total, handle)

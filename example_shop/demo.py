@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from celery_tx import TransactionCoordinator, TxStatus
 from example_shop import invariants, settings
 from example_shop.app import app, coordinator
-from example_shop.checkout import place_order
+from example_shop.checkout import OrderNotPlaced, place_order
 from example_shop.runtime import CATALOG, reset_shop, start_worker, stop_worker
 from example_shop.services import orders
 from example_shop.smtp_sink import REFUSED_DOMAIN, SmtpSink
@@ -148,7 +148,13 @@ def _run_orders(
 
     def place(order: tuple[str, list[dict[str, Any]]]) -> invariants.Placed:
         customer, items = order
-        placed = place_order(coordinator, customer, scenario.emails[customer], items)
+        try:
+            placed = place_order(coordinator, customer, scenario.emails[customer], items)
+        except OrderNotPlaced as refused:  # the broker is down: rolled back, checked too
+            outcome = _final(coordinator, refused.transaction_id, deadline)
+            with lock:
+                finished["broker refused"] += 1
+            return invariants.Placed(refused.order_id, outcome)
         try:
             outcome = placed.handle.wait(max(deadline - time.monotonic(), 0))
         except TimeoutError:  # reported by the invariant check as not final
@@ -166,6 +172,15 @@ def _run_orders(
         futures = [pool.submit(place, order) for order in scenario.orders]
         _progress(out, line, lambda: all(f.done() for f in futures))
         return [f.result() for f in futures]
+
+
+def _final(coordinator: TransactionCoordinator, tx_id: Any, deadline: float) -> Any:
+    """The transaction once final (a sweep may have to finish it), or as it is at ``deadline``."""
+    outcome = coordinator.get_transaction(tx_id)
+    while not outcome.status.is_final and time.monotonic() < deadline:
+        time.sleep(0.2)
+        outcome = coordinator.get_transaction(tx_id)
+    return outcome
 
 
 def _settle(coordinator: TransactionCoordinator, final: list[invariants.Placed]) -> int:
@@ -207,7 +222,14 @@ def _summary(
     rows: Counter[str] = Counter({"committed": 0, "failed": 0})
     for p in placed:
         if p.outcome.status is TxStatus.ROLLED_BACK:
-            reason = (p.outcome.error or "?").split(":", 1)[0]
+            error = p.outcome.error or "?"
+            # "InsufficientFunds: ..." names the rule; a deadline is not an exception.
+            if error.startswith("deadline"):
+                reason = "deadline passed"
+            elif error.startswith("the broker refused"):
+                reason = "broker refused the order"
+            else:
+                reason = error.split(":", 1)[0]
             rows[f"rolled back: {reason}"] += 1
         else:
             rows[p.outcome.status.value.lower()] += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
@@ -44,13 +45,18 @@ def start_worker(
     concurrency: int = 2,
     log: IO[str] | int | None = subprocess.DEVNULL,
     loglevel: str = "WARNING",
+    new_session: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start ``celery -A example_shop.app worker`` on all four services' queues."""
+    """Start ``celery -A example_shop.app worker`` on all four services' queues.
+
+    ``new_session``: in a process group of its own, so that the worker and its
+    pool processes can be signalled together (``os.killpg``).
+    """
     command = [
         *(sys.executable, "-m", "celery", "-A", "example_shop.app", "worker"),
         *("-Q", ALL_QUEUES, "-P", "prefork", "-c", str(concurrency)),
         *("--loglevel", loglevel, "--without-gossip", "--without-mingle"),
-        *("-n", f"shop-{os.getpid()}-%h"),
+        *("-n", f"shop-{uuid.uuid4().hex[:8]}@%h"),  # several may run side by side
     ]
     environment = dict(os.environ if env is None else env)
     # The worker imports example_shop and celeryconfig from the project folder.
@@ -58,7 +64,12 @@ def start_worker(
         p for p in (str(PROJECT_ROOT), environment.get("PYTHONPATH", "")) if p
     )
     return subprocess.Popen(
-        command, cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+        command,
+        cwd=PROJECT_ROOT,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
 
 

@@ -489,7 +489,20 @@ class Journal:
         """
         if not self._schema_ready:
             self._ensure_schema()
-        return self._transaction(statements, write=write, durable=durable, single=single)
+        if write:  # retried by apply(), which knows whether a lost write landed
+            return self._transaction(statements, write=write, durable=durable, single=single)
+        # A read is safe to repeat. After a database restart the pool's first
+        # connections are dead; the failure discards them, so a retry reconnects.
+        deadline = time.monotonic() + self.patience
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                return self._transaction(statements, write=False, durable=False, single=single)
+            except JournalUnavailable as exc:
+                if not exc.transient or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, _MAX_PAUSE)
 
     def _transaction(
         self,

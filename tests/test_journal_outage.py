@@ -1,0 +1,135 @@
+"""The journal's database going away for real: a TCP proxy in front of PostgreSQL
+is closed (every connection reset, new ones refused), then opened again."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_tx import JournalUnavailable, TransactionCoordinator, TxStatus
+from tests.apps import tasks
+from tests.participants import Recorder
+
+PG = ("127.0.0.1", 5432)
+
+
+class Outage:
+    """A TCP proxy to PostgreSQL on a port of its own; ``down()`` and ``up()``."""
+
+    def __init__(self) -> None:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and reset every open one, as a dead server does."""
+        assert self._listener is not None
+        # shutdown() wakes the thread blocked in accept(); close() alone would
+        # leave the socket listening under it (Linux).
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: the outage began
+            upstream = socket.create_connection(PG)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def outage(postgres_url: str) -> Iterator[tuple[Outage, str]]:
+    """The proxy, up, and the test database's URL through it."""
+    from tests.conftest import truncate_journal
+
+    truncate_journal(postgres_url)
+    proxy = Outage()
+    proxy.up()
+    url = sa.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
+    yield proxy, url.render_as_string(hide_password=False)
+    with contextlib.suppress(AssertionError, OSError):
+        proxy.down()
+
+
+def test_a_database_down_at_commit_runs_nothing_and_the_commit_can_be_repeated(outage):
+    proxy, url = outage
+    recorder = Recorder()
+    with TransactionCoordinator(url) as coordinator:
+        coordinator._journal.patience = 1.0  # the test need not wait 30 s to give up
+        tx_id = coordinator.begin_transaction()
+        for name in ("a", "b"):
+            coordinator.register_participant(tx_id, name, *recorder.participant(name))
+        proxy.down()
+        with pytest.raises(JournalUnavailable):
+            coordinator.commit_transaction(tx_id)
+        assert recorder.calls == []  # nothing ran without the journal
+        proxy.up()
+        assert coordinator.get_transaction(tx_id).status is TxStatus.PENDING
+        outcome = coordinator.commit_transaction(tx_id)
+    assert outcome.status is TxStatus.COMMITTED
+    assert recorder.calls == [("a", "commit"), ("b", "commit")]
+
+
+def test_a_database_down_at_a_celery_commit_sends_nothing(outage, tmp_path: Path):
+    proxy, url = outage
+    queue = tmp_path / "broker"
+    queue.mkdir()
+    app = Celery("sender")
+    app.conf.update(
+        broker_url="filesystem://",
+        broker_transport="celery_tx.driver.filesystem:Transport",
+        broker_transport_options={"data_folder_in": str(queue), "data_folder_out": str(queue)},
+        celery_tx_database_url=url,
+    )
+    with TransactionCoordinator(app=app) as coordinator:
+        coordinator._journal.patience = 1.0
+        tx_id = coordinator.begin_transaction()
+        coordinator.register_participant(tx_id, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+        proxy.down()
+        with pytest.raises(JournalUnavailable):
+            coordinator.commit_transaction_async(tx_id)
+        assert list(queue.iterdir()) == []  # no message: no worker can act on it
+        proxy.up()
+        assert coordinator.get_transaction(tx_id).status is TxStatus.PENDING
+        coordinator.commit_transaction_async(tx_id)  # repeatable once it is back
+        assert len(list(queue.iterdir())) == 1
+        assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING
