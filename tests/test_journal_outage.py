@@ -117,7 +117,11 @@ def test_a_database_down_at_a_celery_commit_sends_nothing(outage, tmp_path: Path
     app.conf.update(
         broker_url="filesystem://",
         broker_transport="celery_tx.driver.filesystem:Transport",
-        broker_transport_options={"data_folder_in": str(queue), "data_folder_out": str(queue)},
+        broker_transport_options={
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "control_folder": str(tmp_path / "control"),
+        },
         celery_tx_database_url=url,
     )
     with TransactionCoordinator(app=app) as coordinator:
