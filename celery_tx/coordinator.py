@@ -105,6 +105,7 @@ class TransactionCoordinator:
         # token is journaled with the step): lambdas and closures run only from here.
         self._calls: dict[uuid.UUID, dict[str, LocalCall]] = {}
         self._lock = threading.Lock()
+        self._sweeping: threading.Event | None = None
 
     @property
     def database_url(self) -> URL:
@@ -112,7 +113,9 @@ class TransactionCoordinator:
         return self._journal.url
 
     def close(self) -> None:
-        """Release the journal's database connections."""
+        """Stop the background sweeps, if started, and release the journal's connections."""
+        if self._sweeping is not None:
+            self._sweeping.set()
         self._journal.close()
 
     def __enter__(self) -> TransactionCoordinator:
@@ -413,6 +416,30 @@ class TransactionCoordinator:
             stalled_after = _setting(self.app, "celery_tx_stalled_after", DEFAULT_STALLED_AFTER)
         check_timeout(stalled_after, "stalled_after")
         return self._sweeper().recover(stalled_after, _check_limit(limit))
+
+    def start_sweeping(self, interval: float = 30.0, stalled_after: float | None = None) -> None:
+        """Run ``reap()`` and ``recover(stalled_after)`` every ``interval`` seconds.
+
+        On a daemon thread of this process, until ``close()``: the in-process
+        mode's counterpart of the sweeps every Celery worker runs. Calling it
+        again changes nothing.
+        """
+        check_timeout(interval, "interval")
+        check_timeout(stalled_after, "stalled_after")
+        with self._lock:
+            if self._sweeping is not None:
+                return
+            self._sweeping = stop = threading.Event()
+
+        def sweep_forever() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.reap()
+                    self.recover(stalled_after)
+                except Exception:  # the next round retries; a sweep never kills the thread
+                    logger.exception("background sweep failed")
+
+        threading.Thread(target=sweep_forever, name="celery-tx-sweeper", daemon=True).start()
 
     def retry_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """Run the failed compensations of a FAILED transaction again (an operator's call).

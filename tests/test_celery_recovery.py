@@ -41,7 +41,7 @@ def sender(stack: Stack) -> Iterator[tuple[Celery, TransactionCoordinator]]:
     coordinator.close()
 
 
-def _start_worker(stack: Stack, log: Path) -> subprocess.Popen[bytes]:
+def _start_worker(stack: Stack, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {
         **stack.worker_env(),
         "PYTHONPATH": str(ROOT),
@@ -54,6 +54,7 @@ def _start_worker(stack: Stack, log: Path) -> subprocess.Popen[bytes]:
                 *(sys.executable, "-m", "celery", "-A", "tests.apps.embedded", "worker"),
                 *("-P", "prefork", "-c", "2", "--loglevel=INFO"),
                 *("--without-heartbeat", "--without-gossip", "--without-mingle"),
+                *extra,
             ],
             env=env,
             cwd=log.parent,
@@ -132,3 +133,39 @@ def test_a_transaction_past_its_deadline_is_rolled_back_by_a_worker(
     assert outcome.status is TxStatus.ROLLED_BACK, (tmp_path / "worker.log").read_text()[-3000:]
     assert "deadline" in outcome.error
     assert effects(path) == []
+
+
+def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deployed(
+    stack: Stack, sender, tmp_path: Path
+):
+    """The worker cannot send a compensation it does not know: FAILED, saying so.
+    Once a worker has it, the operator's retry_transaction() finishes the rollback."""
+    from tests.apps import late_tasks  # declared here, in the client, not on the workers
+
+    _, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="undeployed")
+    coordinator.register_participant(
+        tx_id, "a", tasks.step.s(str(path), "a", "fail"), late_tasks.late_undo.s(str(path), "a")
+    )
+    worker = _start_worker(stack, tmp_path / "worker.log")
+    try:
+        failed = coordinator.commit_transaction(tx_id, timeout=60)
+    finally:
+        _stop(worker)
+    assert failed.status is TxStatus.FAILED
+    assert "tests.late.undo" in failed.steps[0].compensation_error
+    assert effects(path) == ["a:action-failed"]
+
+    deployed = _start_worker(stack, tmp_path / "deployed.log", "-I", "tests.apps.late_tasks")
+    try:
+        coordinator.retry_transaction(tx_id)
+        deadline = time.monotonic() + 60
+        outcome = coordinator.get_transaction(tx_id)
+        while not outcome.status.is_final and time.monotonic() < deadline:
+            time.sleep(0.1)
+            outcome = coordinator.get_transaction(tx_id)
+    finally:
+        _stop(deployed)
+    assert outcome.status is TxStatus.ROLLED_BACK, (tmp_path / "deployed.log").read_text()[-3000:]
+    assert effects(path) == ["a:action-failed", "a:late-compensation"]

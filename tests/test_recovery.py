@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -275,3 +276,21 @@ def test_bad_sweep_arguments_are_refused(sweeper, call, kwargs):
 def test_a_bad_default_timeout_is_refused(database_url):
     with pytest.raises(InvalidArgument):
         TransactionCoordinator(database_url, default_timeout=-1)
+
+
+def test_background_sweeps_reap_a_late_transaction(database_url):
+    with TransactionCoordinator(database_url) as coordinator:
+        tx_id = coordinator.begin_transaction(timeout=0.2)
+        coordinator.register_participant(tx_id, "a", print, print)
+        coordinator.start_sweeping(interval=0.05)
+        coordinator.start_sweeping(interval=0.05)  # once is enough; again changes nothing
+        deadline = time.monotonic() + 10
+        while coordinator.get_transaction(tx_id).status is TxStatus.PENDING:
+            assert time.monotonic() < deadline, "the background sweep never reaped it"
+            time.sleep(0.05)
+        assert coordinator.get_transaction(tx_id).status is TxStatus.ROLLED_BACK
+
+
+def test_a_bad_sweep_interval_is_refused(sweeper):
+    with pytest.raises(InvalidArgument):
+        sweeper.start_sweeping(interval=-1)
