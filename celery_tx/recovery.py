@@ -31,6 +31,7 @@ from celery_tx.core import transitions as tr
 from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver import messages
 from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
@@ -150,8 +151,9 @@ class Sweeper:
 
     def _resume_actions(self, tx: Outcome, report: SweepReport) -> None:
         position = tr.resume_point(tx)
-        calls = self._calls(tx, report) if tx.driver == LOCAL else None
-        if tx.driver == LOCAL and calls is None:
+        in_process = _in_process(tx)
+        calls = self._calls(tx, report) if in_process else None
+        if in_process and calls is None:
             return  # abandoned: reported failed
         # Journaled before anything runs again: an attempt more, and the write
         # only one sweep wins.
@@ -165,7 +167,7 @@ class Sweeper:
 
     def _compensate(self, tx: Outcome, report: SweepReport) -> None:
         """Run (in-process) or send (Celery) the compensations still due."""
-        if tx.driver != LOCAL:
+        if not _in_process(tx):
             if self.send is not None:
                 self.send(tx, None)
             return
@@ -209,3 +211,9 @@ class Sweeper:
         except Exception as exc:  # the journal's and the broker's, of many types
             report.errors.append((tx_id, repr(exc)))
             logger.warning("sweep left it for the next one: %r", exc, extra=tx_extra(tx_id))
+
+
+def _in_process(tx: Outcome) -> bool:
+    """Whether its participants are callables (the steps say so, whatever the driver
+    column of a journal written before it was kept says)."""
+    return not (tx.steps and messages.is_celery_step(tx.steps[0].action))

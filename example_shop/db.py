@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Engine, MetaData, create_engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from celery_tx.step_barrier import barrier_table
@@ -44,6 +44,15 @@ class ServiceDatabase:
         """A session in a transaction: committed on success, rolled back on error."""
         with sessionmaker(self.engine, expire_on_commit=False).begin() as session:
             yield session
+
+    def statuses_by_order(self, order_id: Any, status: Any) -> dict[str, list[str]]:
+        """Every row's ``status`` column, grouped by its ``order_id`` column."""
+        with self.transaction() as session:
+            rows = session.execute(select(order_id, status)).all()
+        grouped: dict[str, list[str]] = {}
+        for order, value in rows:
+            grouped.setdefault(order, []).append(value)
+        return grouped
 
     def create_tables(self) -> None:
         """Create the service's tables (and celery-tx's barrier table) if missing."""

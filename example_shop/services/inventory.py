@@ -168,9 +168,4 @@ def stock_totals() -> dict[str, int]:
 
 def reservations_by_order() -> dict[str, list[str]]:
     """Every reservation's status, by order id."""
-    with database.transaction() as session:
-        rows = session.execute(select(Reservation.order_id, Reservation.status)).all()
-    result: dict[str, list[str]] = {}
-    for order_id, status in rows:
-        result.setdefault(order_id, []).append(status)
-    return result
+    return database.statuses_by_order(Reservation.order_id, Reservation.status)

@@ -115,9 +115,4 @@ def _send(message: EmailMessage) -> None:
 
 def emails_by_order() -> dict[str, list[str]]:
     """Every recorded email's status, by order id."""
-    with database.transaction() as session:
-        rows = session.execute(select(Email.order_id, Email.status)).all()
-    result: dict[str, list[str]] = {}
-    for order_id, status in rows:
-        result.setdefault(order_id, []).append(status)
-    return result
+    return database.statuses_by_order(Email.order_id, Email.status)

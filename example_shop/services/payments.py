@@ -129,9 +129,4 @@ def money_totals() -> dict[str, int]:
 
 def payments_by_order() -> dict[str, list[str]]:
     """Every payment's status, by order id."""
-    with database.transaction() as session:
-        rows = session.execute(select(Payment.order_id, Payment.status)).all()
-    result: dict[str, list[str]] = {}
-    for order_id, status in rows:
-        result.setdefault(order_id, []).append(status)
-    return result
+    return database.statuses_by_order(Payment.order_id, Payment.status)
