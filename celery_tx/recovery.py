@@ -29,7 +29,7 @@ from typing import Any
 
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import messages
 from celery_tx.local.runner import LocalCall, LocalRunner
@@ -42,6 +42,8 @@ LOCAL, CELERY = "local", "celery"
 DEFAULT_STALLED_AFTER = 300.0
 """Seconds without a journal write after which a transaction counts as stalled."""
 _LEASE = 60.0
+# Running transactions are looked at again this often for overtime steps.
+_OVERTIME_LEASE = 1.0
 _BATCH = 100
 
 
@@ -78,6 +80,8 @@ class Sweeper:
     send: Send | None
     """None: this process has no Celery app, Celery transactions are left to workers."""
     drivers: Sequence[str] = (LOCAL, CELERY)
+    step_limit: Callable[[StepOutcome], float | None] | None = None
+    """A step's time limit in seconds, if it has one; enforced by ``reap_overtime``."""
 
     def _drivers(self) -> list[str]:
         return [d for d in self.drivers if d != CELERY or self.send is not None]
@@ -98,6 +102,52 @@ class Sweeper:
         ):
             self._guarded(tx_id, report, self._reap_one)
         return report
+
+    def reap_overtime(self, limit: int = _BATCH) -> SweepReport:
+        """Roll back RUNNING transactions whose running step is past its time limit.
+
+        The journaled counterpart of Celery's time limits, for pools that do not
+        enforce them (threads, solo): the step's worker may still be running it,
+        so the step counts as possibly applied and is compensated; its late
+        result is then ignored. Where the pool enforces the limit, Celery's own
+        ``TimeLimitExceeded`` usually gets there first; either way, one
+        compare-and-set wins.
+        """
+        report = SweepReport()
+        if self.step_limit is None:
+            return report
+        now = self.clock()
+        for tx_id in self.journal.claim(
+            statuses=(TxStatus.RUNNING,),
+            drivers=self._drivers(),
+            now=now,
+            lease=_OVERTIME_LEASE,
+            limit=limit,
+            updated_before=now,
+        ):
+            self._guarded(tx_id, report, self._reap_overtime_one)
+        return report
+
+    def _reap_overtime_one(self, tx: Outcome, report: SweepReport) -> None:
+        if tx.status is not TxStatus.RUNNING or self.step_limit is None:
+            return
+        step = tx.steps[tr.resume_point(tx)]
+        seconds = self.step_limit(step)
+        now = self.clock()
+        if step.status is not StepStatus.RUNNING or seconds is None or step.started_at is None:
+            return
+        if step.started_at + timedelta(seconds=seconds) >= now:
+            return
+        reason = f"step {step.name!r} ran past its time limit of {seconds:g} s"
+
+        def abort(t: Outcome) -> Outcome:
+            return tr.begin_compensation(t, self.clock(), failed_step=step.name, error=reason)
+
+        tx = self.journal.apply(tx, abort, durable=True)
+        report.rolled_back.append(tx.id)
+        logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, step.name))
+        if tx.status is TxStatus.COMPENSATING:
+            self._compensate(tx, report)
 
     def _reap_one(self, tx: Outcome, report: SweepReport) -> None:
         now = self.clock()

@@ -17,6 +17,7 @@ from celery import current_app, shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from celery_tx.coordinator import TransactionCoordinator
+from celery_tx.core.outcome import StepOutcome
 from celery_tx.recovery import CELERY, DEFAULT_STALLED_AFTER, SweepReport
 
 logger = logging.getLogger("celery_tx.recovery")
@@ -27,26 +28,46 @@ DEFAULT_INTERVAL = 30.0
 _stop = threading.Event()
 
 
-def sweep_once(app: Any) -> SweepReport:
+def sweep_once(app: Any, overtime: bool = True) -> SweepReport:
     """Reap, then recover, the Celery transactions of ``app``'s journal.
 
-    Workers leave in-process transactions alone: their callables belong to the
-    application that registered them (``coordinator.recover()`` there).
+    ``overtime``: also roll back transactions whose running step is past its
+    time limit, for pools that do not enforce time limits (a prefork worker,
+    which does, passes False). Workers leave in-process transactions alone:
+    their callables belong to the application that registered them
+    (``coordinator.recover()`` there).
     """
     coordinator = TransactionCoordinator(app=app)  # the journal is shared per app
     stalled_after = float(app.conf.get("celery_tx_stalled_after") or DEFAULT_STALLED_AFTER)
-    sweeper = coordinator._sweeper(drivers=(CELERY,))
+    sweeper = coordinator._sweeper(drivers=(CELERY,))  # private, but the same layer
+    sweeper.step_limit = lambda step: time_limit_of(app, step)
     report = sweeper.reap()
+    if overtime:
+        report.rolled_back += sweeper.reap_overtime().rolled_back
     recovered = sweeper.recover(stalled_after)
     report.resumed += recovered.resumed
     report.failed += recovered.failed
     report.errors += recovered.errors
     if report:
         logger.warning(
-            "sweep: %d rolled back past their deadline, %d resumed, %d left for later",
+            "sweep: %d rolled back past a deadline or time limit, %d resumed, %d left for later",
             *(len(report.rolled_back), len(report.resumed), len(report.errors)),
         )
     return report
+
+
+def time_limit_of(app: Any, step: StepOutcome) -> float | None:
+    """A step's hard time limit: its signature's, else its task's, else the app's."""
+    options = step.action.get("options", {})
+    task = app.tasks.get(step.action.get("task"))
+    for limit in (
+        options.get("time_limit"),
+        getattr(task, "time_limit", None),
+        app.conf.get("task_time_limit"),
+    ):
+        if limit is not None:
+            return float(limit)
+    return None
 
 
 @shared_task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
@@ -64,13 +85,20 @@ def sweep() -> dict[str, int]:
 def _start_sweeping(sender: Any = None, **_: Any) -> None:
     app = sender.app
     interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
+    # Prefork kills a task at its time limit; other pools (threads, solo) do
+    # not, so there the sweeps enforce the journaled limits.
+    pool = type(getattr(sender, "pool", None)).__module__
+    overtime = not pool.endswith(".prefork")
     if interval <= 0:
         return
     _stop.clear()
     # A daemon thread of the worker's main process: it sends with the app's
     # producer pool, never the consumer's connection, and dies with the worker.
     thread = threading.Thread(
-        target=_sweep_forever, args=(app, interval), name="celery-tx-sweeper", daemon=True
+        target=_sweep_forever,
+        args=(app, interval, overtime),
+        name="celery-tx-sweeper",
+        daemon=True,
     )
     thread.start()
 
@@ -80,10 +108,10 @@ def _stop_sweeping(**_: Any) -> None:
     _stop.set()
 
 
-def _sweep_forever(app: Any, interval: float) -> None:
+def _sweep_forever(app: Any, interval: float, overtime: bool) -> None:
     while True:
         try:
-            sweep_once(app)
+            sweep_once(app, overtime)
         except Exception:  # a sweep must never kill the thread: the next one retries
             logger.exception("sweep failed")
         if _stop.wait(interval):

@@ -41,12 +41,14 @@ def sender(stack: Stack) -> Iterator[tuple[Celery, TransactionCoordinator]]:
     coordinator.close()
 
 
-def _start_worker(stack: Stack, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start_worker(
+    stack: Stack, log: Path, *extra: str, stalled_after: float = 1
+) -> subprocess.Popen[bytes]:
     env = {
         **stack.worker_env(),
         "PYTHONPATH": str(ROOT),
         "CELERY_TX_SWEEP_INTERVAL": "0.5",
-        "CELERY_TX_STALLED_AFTER": "1",
+        "CELERY_TX_STALLED_AFTER": str(stalled_after),
     }
     with log.open("w") as output:
         return subprocess.Popen(
@@ -169,3 +171,28 @@ def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deplo
         _stop(deployed)
     assert outcome.status is TxStatus.ROLLED_BACK, (tmp_path / "deployed.log").read_text()[-3000:]
     assert effects(path) == ["a:action-failed", "a:late-compensation"]
+
+
+def test_a_step_past_its_time_limit_on_a_threads_pool_is_rolled_back(
+    stack: Stack, sender, tmp_path: Path
+):
+    """The threads pool does not enforce time limits: the journaled one does."""
+    _, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="overtime")
+    coordinator.register_participant(tx_id, "a", tasks.step.s(str(path), "a"))
+    coordinator.register_participant(
+        tx_id, "slow", tasks.slow.s(str(path), "slow", 4).set(time_limit=1)
+    )
+    worker = _start_worker(stack, tmp_path / "worker.log", "-P", "threads", stalled_after=60)
+    try:
+        outcome = coordinator.commit_transaction(tx_id, timeout=60)
+    finally:
+        _stop(worker)  # a warm shutdown: the slow step runs to its end
+    log = (tmp_path / "worker.log").read_text()
+    assert outcome.status is TxStatus.ROLLED_BACK, log[-3000:]
+    assert outcome.failed_step == "slow"
+    assert "time limit of 1 s" in outcome.error
+    assert effects(path)[:4] == ["a:action", "slow:action", "slow:compensation", "a:compensation"]
+    # Its late end changed nothing: the journal kept the rollback.
+    assert coordinator.get_transaction(tx_id) == outcome

@@ -10,6 +10,7 @@ raises ``ConnectionError`` N times, then works).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from celery_tx import RetryPolicy, current_step, participant
@@ -77,3 +78,17 @@ def noop_undo() -> None:
 def no_undo(path: str) -> None:
     """A participant that declares no compensation."""
     _append(path, "no_undo:action")
+
+
+@participant(name="tests.slow")
+def slow(path: str, name: str, seconds: float) -> None:
+    """Append ``name:action``, then take ``seconds``: a step that overruns its limit."""
+    _append(path, f"{name}:action")
+    time.sleep(seconds)
+    _append(path, f"{name}:action-ended")
+
+
+@slow.compensation(name="tests.slow_undo")
+def slow_undo(path: str, name: str, seconds: float) -> None:
+    """Append ``name:compensation``."""
+    _append(path, f"{name}:compensation")
