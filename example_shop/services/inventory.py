@@ -14,6 +14,10 @@ from example_shop.db import ServiceDatabase
 from example_shop.services.errors import InvalidOrder, OutOfStock, UnknownProduct
 
 RESERVED, RELEASED = "RESERVED", "RELEASED"
+# Bounds that keep every amount within the 32-bit integer columns of PostgreSQL:
+# a bigger order is refused up front, not by a database error in a worker.
+MAX_QUANTITY = 10_000
+MAX_TOTAL_CENTS = 2**31 - 1
 
 
 class Base(DeclarativeBase):
@@ -52,14 +56,18 @@ database = ServiceDatabase("inventory", Base.metadata)
 def check_items(items: Iterable[Any]) -> list[dict[str, Any]]:
     """The items as ``[{"sku": str, "quantity": int >= 1}]``, or ``InvalidOrder``."""
     checked = []
+    if isinstance(items, str | bytes | dict) or not isinstance(items, Iterable):
+        raise InvalidOrder(f"items are a list of {{'sku': ..., 'quantity': ...}}, not {items!r}")
     for item in items:
         if not isinstance(item, dict) or set(item) != {"sku", "quantity"}:
             raise InvalidOrder(f"an item is {{'sku': ..., 'quantity': ...}}, not {item!r}")
         sku, quantity = item["sku"], item["quantity"]
         if not isinstance(sku, str) or not sku:
             raise InvalidOrder(f"a SKU is a non-empty string, not {sku!r}")
-        if type(quantity) is not int or quantity < 1:
-            raise InvalidOrder(f"a quantity is a whole number of at least 1, not {quantity!r}")
+        if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
+            raise InvalidOrder(
+                f"a quantity is a whole number from 1 to {MAX_QUANTITY}, not {quantity!r}"
+            )
         checked.append({"sku": sku, "quantity": quantity})
     if not checked:
         raise InvalidOrder("an order needs at least one item")
@@ -79,7 +87,10 @@ def quote(items: Iterable[Any]) -> int:
     for item in checked:
         if item["sku"] not in prices:
             raise UnknownProduct(f"no product with SKU {item['sku']!r}")
-    return sum(prices[i["sku"]] * i["quantity"] for i in checked)
+    total = sum(prices[i["sku"]] * i["quantity"] for i in checked)
+    if total > MAX_TOTAL_CENTS:
+        raise InvalidOrder(f"an order of {total} cents is more than the shop takes at once")
+    return total
 
 
 @participant(name="shop.inventory.reserve")

@@ -75,6 +75,9 @@ def test_a_business_failure_rolls_everything_back(
         ([{"sku": "MUG"}], InvalidOrder),
         (["MUG"], InvalidOrder),
         ([{"sku": "NOPE", "quantity": 1}], UnknownProduct),
+        ([{"sku": "MUG", "quantity": 10_001}], InvalidOrder),  # past the int32 columns
+        ("MUG", InvalidOrder),
+        (5, InvalidOrder),
     ],
 )
 def test_a_malformed_order_is_refused_before_anything_is_journaled(shop, items, error):
