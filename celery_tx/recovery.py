@@ -12,10 +12,12 @@ Two sweeps, each safe to run in any number of processes at once:
   remaining compensations.
 
 Each sweep leases its candidates (``Journal.claim``) so concurrent sweeps share
-the work, then moves each with one compare-and-set write before doing anything:
-a sweep that loses that write to a worker, another sweep or an operator leaves
-the transaction alone. Resuming is at least once: a step may run again, which
-``barrier()`` (or the idempotency key) makes harmless.
+the work, then moves each with one compare-and-set write, on the very version it
+read, before doing anything: a sweep that loses that write to a worker, another
+sweep or an operator leaves the transaction alone. Resuming is at least once: a
+step may run again, even alongside its compensation when a rollback overtakes
+it; ``barrier()`` makes both harmless (an idempotency key alone cannot stop an
+action that arrives after its compensation).
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class Sweeper:
     step_limit: Callable[[StepOutcome], float | None] | None = None
     """A step's time limit in seconds, if it has one; enforced by ``reap_overtime``."""
 
+    def _can_run(self, tx: Outcome) -> bool:
+        """In-process, or Celery with an app to send with: a sweep must not journal a
+        resumption or a rollback it then cannot carry out."""
+        return _in_process(tx) or self.send is not None
+
     def _drivers(self) -> list[str]:
         return [d for d in self.drivers if d != CELERY or self.send is not None]
 
@@ -116,20 +123,15 @@ class Sweeper:
         report = SweepReport()
         if self.step_limit is None:
             return report
-        now = self.clock()
-        for tx_id in self.journal.claim(
-            statuses=(TxStatus.RUNNING,),
-            drivers=self._drivers(),
-            now=now,
-            lease=_OVERTIME_LEASE,
-            limit=limit,
-            updated_before=now,
-        ):
+        # Read, not leased: a lease here would hide these very transactions
+        # from recover() (the same sweep, a moment later). Concurrent sweeps
+        # are kept apart by the compare-and-set below.
+        for tx_id in self.journal.running_steps(drivers=self._drivers(), limit=limit):
             self._guarded(tx_id, report, self._reap_overtime_one)
         return report
 
     def _reap_overtime_one(self, tx: Outcome, report: SweepReport) -> None:
-        if tx.status is not TxStatus.RUNNING or self.step_limit is None:
+        if not self._can_run(tx) or tx.status is not TxStatus.RUNNING or self.step_limit is None:
             return
         step = tx.steps[tr.resume_point(tx)]
         seconds = self.step_limit(step)
@@ -143,19 +145,22 @@ class Sweeper:
         def abort(t: Outcome) -> Outcome:
             return tr.begin_compensation(t, self.clock(), failed_step=step.name, error=reason)
 
-        tx = self.journal.apply(tx, abort, durable=True)
+        tx = self.journal.apply(tx, _unchanged(tx, abort), durable=True)
         report.rolled_back.append(tx.id)
         logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, step.name))
         if tx.status is TxStatus.COMPENSATING:
             self._compensate(tx, report)
 
     def _reap_one(self, tx: Outcome, report: SweepReport) -> None:
+        if not self._can_run(tx):
+            return
         now = self.clock()
         if tx.deadline is None or tx.deadline >= now or tx.status.is_final:
             return
         reason = f"deadline {tx.deadline.isoformat()} passed"
         if tx.status is TxStatus.PENDING:
-            self.journal.apply(tx, lambda t: tr.rollback_pending(t, self.clock(), error=reason))
+            roll_back = _unchanged(tx, lambda t: tr.rollback_pending(t, self.clock(), error=reason))
+            self.journal.apply(tx, roll_back)
             report.rolled_back.append(tx.id)
             logger.warning("rolled back before commit: %s", reason, extra=tx_extra(tx.id))
             return
@@ -164,7 +169,7 @@ class Sweeper:
         def abort(t: Outcome) -> Outcome:
             return tr.begin_compensation(t, self.clock(), failed_step=running, error=reason)
 
-        tx = self.journal.apply(tx, abort, durable=True)
+        tx = self.journal.apply(tx, _unchanged(tx, abort), durable=True)
         report.rolled_back.append(tx.id)
         logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, running))
         if tx.status is TxStatus.COMPENSATING:
@@ -190,10 +195,13 @@ class Sweeper:
         return report
 
     def _recover_one(self, tx: Outcome, report: SweepReport) -> None:
+        if not self._can_run(tx):
+            return
         if tx.status is TxStatus.RUNNING:
             self._resume_actions(tx, report)
         elif tx.status is TxStatus.COMPENSATING:
-            tx = self.journal.apply(tx, lambda t: tr.resume_compensations(t, self.clock()))
+            resume = _unchanged(tx, lambda t: tr.resume_compensations(t, self.clock()))
+            tx = self.journal.apply(tx, resume)
             report.resumed.append(tx.id)
             logger.warning("resuming the compensations", extra=tx_extra(tx.id))
             if tx.status is TxStatus.COMPENSATING:
@@ -207,7 +215,8 @@ class Sweeper:
             return  # abandoned: reported failed
         # Journaled before anything runs again: an attempt more, and the write
         # only one sweep wins.
-        tx = self.journal.apply(tx, lambda t: tr.start_action(t, position, self.clock()))
+        start = _unchanged(tx, lambda t: tr.start_action(t, position, self.clock()))
+        tx = self.journal.apply(tx, start)
         report.resumed.append(tx.id)
         logger.warning("resuming the actions at %r", tx.steps[position].name, extra=tx_extra(tx.id))
         if calls is not None:
@@ -244,18 +253,17 @@ class Sweeper:
                 t = tr.abandon_compensations(t, reason, now)
             return t
 
-        tx = self.journal.apply(tx, give_up, durable=True)
+        tx = self.journal.apply(tx, _unchanged(tx, give_up), durable=True)
         logger.error("transaction %s: %s", tx.status, reason, extra=tx_extra(tx.id))
 
     def _guarded(
         self, tx_id: uuid.UUID, report: SweepReport, work: Callable[[Outcome, SweepReport], None]
     ) -> None:
         """One transaction's sweep: a lost race is nothing, a failure is reported, not raised."""
-        tx = self.journal.load(tx_id)
-        if tx is None:
-            return
         try:
-            work(tx, report)
+            tx = self.journal.load(tx_id)
+            if tx is not None:
+                work(tx, report)
         except TransactionStateError:
             logger.info("moved on meanwhile; left alone", extra=tx_extra(tx_id))
         except Exception as exc:  # the journal's and the broker's, of many types
@@ -267,3 +275,19 @@ def _in_process(tx: Outcome) -> bool:
     """Whether its participants are callables (the steps say so, whatever the driver
     column of a journal written before it was kept says)."""
     return not (tx.steps and messages.is_celery_step(tx.steps[0].action))
+
+
+def _unchanged(read: Outcome, event: Callable[[Outcome], Outcome]) -> Callable[[Outcome], Outcome]:
+    """``event``, only on the very version the sweep decided on.
+
+    ``Journal.apply`` re-applies an event to the winner's state after a lost
+    race; for a sweep that state is not what it judged stalled or late (a
+    worker moved it on meanwhile), so the sweep leaves it alone instead.
+    """
+
+    def guarded(current: Outcome) -> Outcome:
+        if current.version != read.version:
+            raise TransactionStateError(f"transaction {read.id} moved on since the sweep read it")
+        return event(current)
+
+    return guarded

@@ -28,14 +28,14 @@ DEFAULT_INTERVAL = 30.0
 _stop = threading.Event()
 
 
-def sweep_once(app: Any, overtime: bool = True) -> SweepReport:
+def sweep_once(app: Any, overtime: bool = False) -> SweepReport:
     """Reap, then recover, the Celery transactions of ``app``'s journal.
 
     ``overtime``: also roll back transactions whose running step is past its
-    time limit, for pools that do not enforce time limits (a prefork worker,
-    which does, passes False). Workers leave in-process transactions alone:
-    their callables belong to the application that registered them
-    (``coordinator.recover()`` there).
+    time limit, for pools that do not enforce time limits (threads, solo). The
+    limit runs from when the step was sent: time waiting in the queue counts.
+    Workers leave in-process transactions alone: their callables belong to the
+    application that registered them (``coordinator.recover()`` there).
     """
     coordinator = TransactionCoordinator(app=app)  # the journal is shared per app
     stalled_after = float(app.conf.get("celery_tx_stalled_after") or DEFAULT_STALLED_AFTER)
@@ -43,7 +43,9 @@ def sweep_once(app: Any, overtime: bool = True) -> SweepReport:
     sweeper.step_limit = lambda step: time_limit_of(app, step)
     report = sweeper.reap()
     if overtime:
-        report.rolled_back += sweeper.reap_overtime().rolled_back
+        late = sweeper.reap_overtime()
+        report.rolled_back += late.rolled_back
+        report.errors += late.errors
     recovered = sweeper.recover(stalled_after)
     report.resumed += recovered.resumed
     report.failed += recovered.failed
@@ -85,10 +87,10 @@ def sweep() -> dict[str, int]:
 def _start_sweeping(sender: Any = None, **_: Any) -> None:
     app = sender.app
     interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
-    # Prefork kills a task at its time limit; other pools (threads, solo) do
-    # not, so there the sweeps enforce the journaled limits.
+    # Prefork (and gevent/eventlet) enforce a task's time limit themselves;
+    # threads and solo do not, so there the sweeps enforce the journaled limits.
     pool = type(getattr(sender, "pool", None)).__module__
-    overtime = not pool.endswith(".prefork")
+    overtime = pool.endswith((".thread", ".solo"))
     if interval <= 0:
         return
     _stop.clear()

@@ -5,4 +5,4 @@ source "$(dirname "$0")/_venv.sh" "test,dev,postgres,redis"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=15 "$@"

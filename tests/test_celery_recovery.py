@@ -137,6 +137,7 @@ def test_a_transaction_past_its_deadline_is_rolled_back_by_a_worker(
     assert effects(path) == []
 
 
+@pytest.mark.parametrize("stack", ["embedded", "redis"], indirect=True)  # sweeper logic
 def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deployed(
     stack: Stack, sender, tmp_path: Path
 ):
@@ -173,6 +174,7 @@ def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deplo
     assert effects(path) == ["a:action-failed", "a:late-compensation"]
 
 
+@pytest.mark.parametrize("stack", ["embedded", "redis"], indirect=True)  # sweeper logic
 def test_a_step_past_its_time_limit_on_a_threads_pool_is_rolled_back(
     stack: Stack, sender, tmp_path: Path
 ):

@@ -294,3 +294,62 @@ def test_background_sweeps_reap_a_late_transaction(database_url):
 def test_a_bad_sweep_interval_is_refused(sweeper):
     with pytest.raises(InvalidArgument):
         sweeper.start_sweeping(interval=-1)
+
+
+def test_a_sweep_leaves_alone_a_transaction_that_moved_on_since_it_read_it(
+    coordinator, sweeper, tmp_path
+):
+    log = tmp_path / "effects.log"
+    tx_id = register_steps(coordinator, log, 3)
+    stale = crash_after(coordinator, tx_id, done=1, log=log)
+    journal = coordinator._journal
+    journal.apply(stale, lambda t: tr.start_action(t, 1, datetime.now(UTC)))  # a worker's retry
+
+    with pytest.raises(TransactionStateError):
+        sweeper._sweeper()._recover_one(stale, SweepReport())
+    assert journal.load(tx_id).steps[1].attempts == 2  # the retry's, not one more
+    assert effects(log) == ["s0 action"]
+
+
+def test_the_overtime_sweep_does_not_hide_stalled_transactions_from_recovery(
+    coordinator, sweeper, clock, tmp_path
+):
+    log = tmp_path / "effects.log"
+    tx_id = register_steps(coordinator, log, 2)
+    crash_after(coordinator, tx_id, done=1, log=log)
+    clock.advance(301)
+    sweep = sweeper._sweeper()
+    sweep.step_limit = lambda step: None  # no limits: nothing to roll back
+    assert sweep.reap_overtime() == SweepReport()
+    assert sweep.recover(300).resumed == [tx_id]  # the same sweep, right after
+
+
+def test_a_sweep_without_an_app_leaves_celery_transactions_to_the_workers(
+    database_url, clock, tmp_path
+):
+    from celery import Celery
+
+    from tests.apps import tasks
+
+    queue = tmp_path / "broker"
+    queue.mkdir()
+    app = Celery("sender")
+    app.conf.update(
+        broker_url="filesystem://",
+        broker_transport="celery_tx.driver.filesystem:Transport",
+        broker_transport_options={
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "control_folder": str(tmp_path / "control"),
+        },
+    )
+    with TransactionCoordinator(database_url, app=app) as client:
+        tx_id = client.begin_transaction(timeout=1)
+        client.register_participant(tx_id, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+        client.commit_transaction_async(tx_id)
+        before = client.get_transaction(tx_id)
+    clock.advance(3600)
+    with TransactionCoordinator(database_url, clock=clock) as no_app:
+        assert no_app.recover() == SweepReport()
+        assert no_app.reap() == SweepReport()
+        assert no_app.get_transaction(tx_id) == before  # nothing journaled it cannot do

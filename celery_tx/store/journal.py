@@ -18,10 +18,12 @@ leave an effect unaccounted for or tell a caller something untrue; see
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -197,6 +199,13 @@ class Journal:
             self._durable_autocommit_engine or self.engine
         ).execution_options(**{WRITE: True, DURABLE: True})
         self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
+        self._new_locks()
+        _JOURNALS.add(self)
+        self._schema_ready = False
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
+
+    def _new_locks(self) -> None:
+        """The in-process locks; made again in a forked child (see ``_fresh_locks``)."""
         # An in-memory SQLite database is one connection: share it one caller at a time.
         self._serial: AbstractContextManager[object] = (
             threading.RLock() if is_memory_sqlite(self.url) else nullcontext()
@@ -208,8 +217,6 @@ class Journal:
             threading.Lock() if self.url.get_backend_name() == "sqlite" else nullcontext()
         )
         self._schema_lock = threading.Lock()
-        self._schema_ready = False
-        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
 
     @property
     def engines(self) -> list[Engine]:
@@ -280,7 +287,10 @@ class Journal:
         if deadline_before is not None:
             candidates = candidates.where(_t.c.deadline_at < deadline_before)
         if updated_before is not None:
-            candidates = candidates.where(_t.c.updated_at < updated_before)
+            # NULL from a writer older than schema 2 (a rolling upgrade): its
+            # creation time stands in, so such a transaction is still found.
+            last_write = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
+            candidates = candidates.where(last_write < updated_before)
         candidates = candidates.order_by(_t.c.created_at).limit(limit)
         candidates = candidates.with_for_update(skip_locked=True)  # SQLite renders none
         statement = (
@@ -294,6 +304,25 @@ class Journal:
             return list(conn.execute(statement).scalars())
 
         return self._run(statements, write=True)
+
+    def running_steps(self, *, drivers: Sequence[str], limit: int) -> list[uuid.UUID]:
+        """RUNNING transactions with a RUNNING step, the longest-running step first."""
+        statement = (
+            sa.select(_t.c.id)
+            .join(_s, _s.c.tx_id == _t.c.id)
+            .where(
+                _t.c.status == TxStatus.RUNNING.value,
+                _t.c.driver.in_(list(drivers)),
+                _s.c.status == "RUNNING",
+            )
+            .order_by(_s.c.started_at)
+            .limit(limit)
+        )
+
+        def statements(conn: Connection) -> list[uuid.UUID]:
+            return list(conn.execute(statement).scalars())
+
+        return self._run(statements, write=False)
 
     # -- writes --------------------------------------------------------------
 
@@ -543,3 +572,17 @@ class Journal:
                 return
             self._transaction(schema.ensure_schema, write=True, durable=False)
             self._schema_ready = True
+
+
+# A lock held by another thread when the process forks (a worker's sweeper
+# writing while the prefork pool replaces a child) stays held forever in the
+# child, whose every write would then hang: each child gets fresh locks.
+_JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    for journal in list(_JOURNALS):
+        journal._new_locks()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)

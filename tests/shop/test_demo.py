@@ -82,10 +82,10 @@ def test_the_demo_keeps_the_invariants_on_a_broker_and_postgres(
     (_check_redis if broker == "redis" else _check_rabbitmq)()
     _empty_queues(env["CELERY_BROKER_URL"])
     try:
-        result = _run_demo(env, "--orders", "200", "--concurrency", "8")
+        result = _run_demo(env, "--orders", "150", "--concurrency", "8")
     finally:
         _empty_queues(env["CELERY_BROKER_URL"])
-    _assert_consistent(result, 200)
+    _assert_consistent(result, 150)
     assert env["CELERY_BROKER_URL"].split(":")[0] + "://" in result.stdout
 
 
