@@ -136,3 +136,24 @@ def make_stack(request: pytest.FixtureRequest, name: str, tmp_path: Path) -> Sta
     database_url: str = request.getfixturevalue("postgres_url")
     truncate_journal(database_url)
     return Stack(name, broker, database_url, data_dir)
+
+
+def filesystem_sender(folder: Path, **conf: Any) -> Any:
+    """A Celery app that sends to a filesystem broker in ``folder/broker`` (for tests
+    that look at what was sent, with no worker reading it), plus ``conf``."""
+    from celery import Celery
+
+    queue = folder / "broker"
+    queue.mkdir(exist_ok=True)
+    app = Celery("sender")
+    app.conf.update(
+        broker_url="filesystem://",
+        broker_transport="celery_tx.driver.filesystem:Transport",
+        broker_transport_options={
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "control_folder": str(folder / "control"),
+        },
+        **conf,
+    )
+    return app

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 
 from celery_tx import JournalUnavailable, TransactionCoordinator, TxStatus
 from tests.apps import tasks
 from tests.participants import Recorder
+from tests.stacks import filesystem_sender
 
 PG = ("127.0.0.1", 5432)
 
@@ -111,19 +111,8 @@ def test_a_database_down_at_commit_runs_nothing_and_the_commit_can_be_repeated(o
 
 def test_a_database_down_at_a_celery_commit_sends_nothing(outage, tmp_path: Path):
     proxy, url = outage
+    app = filesystem_sender(tmp_path, celery_tx_database_url=url)
     queue = tmp_path / "broker"
-    queue.mkdir()
-    app = Celery("sender")
-    app.conf.update(
-        broker_url="filesystem://",
-        broker_transport="celery_tx.driver.filesystem:Transport",
-        broker_transport_options={
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
-            "control_folder": str(tmp_path / "control"),
-        },
-        celery_tx_database_url=url,
-    )
     with TransactionCoordinator(app=app) as coordinator:
         coordinator._journal.patience = 1.0
         tx_id = coordinator.begin_transaction()

@@ -327,22 +327,10 @@ def test_the_overtime_sweep_does_not_hide_stalled_transactions_from_recovery(
 def test_a_sweep_without_an_app_leaves_celery_transactions_to_the_workers(
     database_url, clock, tmp_path
 ):
-    from celery import Celery
-
     from tests.apps import tasks
+    from tests.stacks import filesystem_sender
 
-    queue = tmp_path / "broker"
-    queue.mkdir()
-    app = Celery("sender")
-    app.conf.update(
-        broker_url="filesystem://",
-        broker_transport="celery_tx.driver.filesystem:Transport",
-        broker_transport_options={
-            "data_folder_in": str(queue),
-            "data_folder_out": str(queue),
-            "control_folder": str(tmp_path / "control"),
-        },
-    )
+    app = filesystem_sender(tmp_path)
     with TransactionCoordinator(database_url, app=app) as client:
         tx_id = client.begin_transaction(timeout=1)
         client.register_participant(tx_id, "a", tasks.step.s(str(tmp_path / "e"), "a"))
