@@ -121,6 +121,13 @@ def _restart_broker(broker: str) -> None:
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
         time.sleep(2)
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        # Fully up before the test goes on, so later tests find a settled broker.
+        subprocess.run(
+            ["rabbitmqctl", "await_startup", "--timeout", "60"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     else:
         import redis
 
