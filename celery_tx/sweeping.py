@@ -1,8 +1,9 @@
 """The sweeps inside every worker, on a timer, and as a task for beat.
 
-Each worker's main process runs ``reap`` and ``recover`` for Celery
-transactions when it is ready and then every ``celery_tx_sweep_interval``
-seconds (default 30; 0 turns it off), so no beat process is needed. Any number
+Each worker runs ``reap`` and ``recover`` for Celery transactions when it
+starts and then every ``celery_tx_sweep_interval`` seconds (default 30; 0 turns
+it off), so no beat process is needed: on prefork in each pool process, on
+threads and solo pools in the worker's process. Any number
 of workers sweep at once without doing work twice (see ``celery_tx.recovery``).
 ``celery_tx.sweep`` does the same as a task, for those who schedule it with beat.
 """
@@ -14,7 +15,7 @@ import threading
 from typing import Any
 
 from celery import current_app, shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.outcome import StepOutcome
@@ -26,6 +27,7 @@ SWEEP_TASK = "celery_tx.sweep"
 DEFAULT_INTERVAL = 30.0
 
 _stop = threading.Event()
+_worker_app: list[Any] = [None]
 
 
 def sweep_once(app: Any, overtime: bool = False) -> SweepReport:
@@ -85,17 +87,34 @@ def sweep() -> dict[str, int]:
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_sweeping(sender: Any = None, **_: Any) -> None:
-    app = sender.app
-    interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
+    """Threads and solo pools: sweep in the worker's own process."""
+    pool = type(getattr(sender, "pool", None)).__module__
+    if pool.endswith(".prefork"):
+        return  # each pool process sweeps instead (below)
     # Prefork (and gevent/eventlet) enforce a task's time limit themselves;
     # threads and solo do not, so there the sweeps enforce the journaled limits.
-    pool = type(getattr(sender, "pool", None)).__module__
-    overtime = pool.endswith((".thread", ".solo"))
+    _start_thread(sender.app, overtime=pool.endswith((".thread", ".solo")))
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _remember_app(sender: Any = None, **_: Any) -> None:
+    """The worker's app, for its pool processes (their init signal names none)."""
+    _worker_app[0] = getattr(sender, "app", None)
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _start_sweeping_in_pool_process(**_: Any) -> None:
+    """Prefork: each pool process sweeps. Not the main process, which forks new
+    pool processes: a fork while a sweep held a lock (SQLAlchemy's, kombu's, the
+    journal's) would leave that lock held forever in the child."""
+    _start_thread(_worker_app[0] or current_app, overtime=False)
+
+
+def _start_thread(app: Any, overtime: bool) -> None:
+    interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
     if interval <= 0:
         return
     _stop.clear()
-    # A daemon thread of the worker's main process: it sends with the app's
-    # producer pool, never the consumer's connection, and dies with the worker.
     thread = threading.Thread(
         target=_sweep_forever,
         args=(app, interval, overtime),
