@@ -11,6 +11,7 @@ left over by one test can never reach another test's worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -93,11 +94,20 @@ class Stack:
             client.flushdb()
             client.close()
         elif self.name == "rabbitmq":
+            from amqp.exceptions import NotFound
             from kombu import Connection
 
             with Connection(self.broker_url) as conn:
                 channel = conn.default_channel
-                channel.queue_delete(self.queue)
+                if self.queue == "celery":
+                    # Purged, never deleted: senders in this process share kombu's
+                    # pooled connections, which remember the queue as declared and
+                    # would not declare it again, so what they published before a
+                    # worker re-declared it would be dropped as unroutable.
+                    with contextlib.suppress(NotFound):
+                        channel.queue_purge(self.queue)
+                else:  # a name of this test's own, never used again
+                    channel.queue_delete(self.queue)
 
 
 def _check_redis() -> None:
