@@ -644,8 +644,8 @@ def test_retry_failed_makes_failed_compensations_due_again() -> None:
     assert tx.finished_at is None
     assert statuses(tx) == [StepStatus.COMPENSATING, StepStatus.COMPENSATING, StepStatus.SKIPPED]
     assert tr.steps_to_compensate(tx) == [1, 0]
-    # The earlier attempts still count.
-    assert [s.compensation_attempts for s in tx.steps] == [1, 1, 0]
+    # A fresh count: each compensation gets its whole retry policy again.
+    assert [s.compensation_attempts for s in tx.steps] == [0, 0, 0]
 
 
 def test_retry_failed_then_success_rolls_back() -> None:
@@ -655,7 +655,7 @@ def test_retry_failed_then_success_rolls_back() -> None:
         tx = tr.finish_compensation(tr.start_compensation(tx, position, LATER), position, LATER)
     assert tx.status is TxStatus.ROLLED_BACK
     assert statuses(tx) == [StepStatus.COMPENSATED, StepStatus.COMPENSATED, StepStatus.SKIPPED]
-    assert [s.compensation_attempts for s in tx.steps] == [2, 2, 0]
+    assert [s.compensation_attempts for s in tx.steps] == [1, 1, 0]
 
 
 @pytest.mark.parametrize("status", [s for s in ALL_TX if s is not TxStatus.FAILED])

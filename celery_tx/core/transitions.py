@@ -288,7 +288,8 @@ def retry_failed(tx: Outcome, now: datetime) -> Outcome:
     tx = _move(tx, T.COMPENSATING, finished_at=None)
     for step in tx.steps:
         if step.status is S.COMPENSATION_FAILED:
-            tx = _move_step(tx, step.position, S.COMPENSATING)
+            # A fresh count: the compensation gets its whole retry policy again.
+            tx = _move_step(tx, step.position, S.COMPENSATING, compensation_attempts=0)
     return tx
 
 
