@@ -22,7 +22,9 @@ from celery_tx.core.errors import (
 )
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
+from celery_tx.core.stats import Durations, TransactionStats
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.core.timeline import Span, timeline
 from celery_tx.driver.signals import transaction_finished
 from celery_tx.driver.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
@@ -38,6 +40,11 @@ __all__ = [
     "CommitHandle",
     "SweepReport",
     "sweep_once",
+    # operating it
+    "TransactionStats",
+    "Durations",
+    "timeline",
+    "Span",
     # participants as Celery tasks
     "participant",
     "ParticipantTask",

@@ -3,25 +3,74 @@
 Registered through Celery's ``celery.commands`` entry point, so it reads the app
 and its configuration as every Celery command does::
 
-    celery -A proj tx reap                 # roll back what is past its deadline
-    celery -A proj tx recover              # resume what stalled
-    celery tx recover --database-url URL   # in-process transactions, no app
+    celery -A proj tx list --status FAILED        # newest first, paged
+    celery -A proj tx show ID                     # steps, errors, a timeline
+    celery -A proj tx retry ID                    # a FAILED or stalled one again
+    celery -A proj tx abort ID                    # roll back a PENDING or RUNNING one
+    celery -A proj tx reap | recover              # run a sweep once
+    celery -A proj tx stats                       # counts, durations, the oldest open one
+    celery -A proj tx purge --older-than 7d       # delete finished transactions
+    celery tx list --database-url URL             # in-process transactions, no app
 
-``--json`` prints what was done for scripts. The exit code is 0, or 1 when
-some transactions were left for a later sweep (the broker or journal did not
-answer).
+Tables for people, ``--json`` for scripts. Exit codes: 0 done; 1 the journal or
+the broker failed, or a sweep left transactions for later; 2 bad usage (an
+option, a malformed id); 3 no such transaction; 4 not possible in the
+transaction's status (aborting a COMMITTED one, retrying a ROLLED_BACK one).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
+from celery_tx import present
 from celery_tx.coordinator import TransactionCoordinator
-from celery_tx.core.errors import CeleryTxError
+from celery_tx.core.errors import (
+    CeleryTxError,
+    InvalidArgument,
+    InvalidTransactionId,
+    TransactionNotFound,
+    TransactionStateError,
+)
+from celery_tx.core.outcome import Outcome
+from celery_tx.core.status import TxStatus
+from celery_tx.core.timeline import timeline
 from celery_tx.recovery import SweepReport
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_STATE = 1, 2, 3, 4
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_BAR_WIDTH = 40
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 only
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` or combined (``1h30m``)."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            return timedelta(seconds=float(text))
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 1h30m", param, ctx)
+        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def _fail(exc: CeleryTxError, code: int) -> click.exceptions.Exit:
+    """Say what went wrong on stderr, as click does, and exit with our code."""
+    click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+    return click.exceptions.Exit(code)
 
 
 @click.group(name="tx")
@@ -29,23 +78,236 @@ def tx() -> None:
     """celery-tx: see and steer distributed transactions."""
 
 
-def _sweep_options(command: Any) -> Any:
+def _common(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
         "--database-url",
         help="The journal, for in-process transactions (default: the app's).",
     )(command)
-    command = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)(
-        command
-    )
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)
 
 
+@contextmanager
+def _coordinator(ctx: click.Context, database_url: str | None) -> Iterator[TransactionCoordinator]:
+    """The coordinator on the app's journal (or ``--database-url``), errors as exit codes."""
+    try:
+        if database_url:
+            coordinator = TransactionCoordinator(database_url)
+        else:
+            coordinator = TransactionCoordinator(app=getattr(ctx.obj, "app", None))
+        with coordinator:
+            yield coordinator
+    except (InvalidTransactionId, InvalidArgument) as exc:
+        raise _fail(exc, EXIT_USAGE) from exc
+    except TransactionNotFound as exc:
+        raise _fail(exc, EXIT_NOT_FOUND) from exc
+    except TransactionStateError as exc:
+        raise _fail(exc, EXIT_STATE) from exc
+    except CeleryTxError as exc:
+        raise _fail(exc, EXIT_FAILED) from exc
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- list and show -------------------------------------------------------------
+
+
+@tx.command(name="list")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in TxStatus], case_sensitive=False),
+    help="Only these statuses (repeat for several).",
+)
+@click.option("--name", help="Only transactions begun with this name.")
+@click.option("--older-than", type=Duration(), help="Created longer ago than this (e.g. 1h).")
+@click.option("--newer-than", type=Duration(), help="Created within this (e.g. 15m).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@_common
+@click.pass_context
+def list_command(
+    ctx: click.Context,
+    *,
+    statuses: tuple[str, ...],
+    name: str | None,
+    older_than: timedelta | None,
+    newer_than: timedelta | None,
+    limit: int,
+    page: int,
+    database_url: str | None,
+    as_json: bool,
+) -> None:
+    """Transactions, newest first, one page at a time."""
+    with _coordinator(ctx, database_url) as coordinator:
+        found = coordinator.list_transactions(
+            status=statuses or None,
+            name=name,
+            older_than=older_than,
+            newer_than=newer_than,
+            limit=limit,
+            offset=(page - 1) * limit,
+        )
+    now = _now()
+    if as_json:
+        _echo_json(
+            {
+                "page": page,
+                "limit": limit,
+                "transactions": [present.outcome_json(t, now, with_steps=False) for t in found],
+            }
+        )
+        return
+    rows = [_list_row(t, now) for t in found]
+    headers = ["ID", "NAME", "STATUS", "STEPS", "CREATED", "DURATION", "ERROR"]
+    click.echo(present.table(headers, rows))
+    if len(found) == limit:
+        click.echo(f"(page {page}; more with --page {page + 1})")
+
+
+def _list_row(tx: Outcome, now: datetime) -> list[str]:
+    done = sum(1 for s in tx.steps if s.finished_at is not None and s.error is None)
+    error = (tx.error or "").replace("\n", " ")
+    return [
+        str(tx.id),
+        tx.name or "-",
+        str(tx.status),
+        f"{done}/{len(tx.steps)}",
+        _when(tx.created_at),
+        present.seconds_text(present.duration(tx, now)),
+        error if len(error) <= 60 else error[:57] + "...",
+    ]
+
+
 @tx.command()
-@_sweep_options
+@click.argument("tx_id")
+@_common
+@click.pass_context
+def show(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool) -> None:
+    """One transaction: its steps, attempts, errors and timeline."""
+    with _coordinator(ctx, database_url) as coordinator:
+        found = coordinator.get_transaction(tx_id)
+    now = _now()
+    if as_json:
+        _echo_json(present.outcome_json(found, now))
+        return
+    click.echo(_describe(found, now))
+
+
+def _describe(tx: Outcome, now: datetime) -> str:
+    lines = [
+        f"transaction {tx.id}" + (f" ({tx.name})" if tx.name else ""),
+        f"  status:   {tx.status}" + (f" at step {tx.failed_step!r}" if tx.failed_step else ""),
+        f"  driver:   {tx.driver}",
+        f"  created:  {_when(tx.created_at)}",
+        f"  commit:   {_when(tx.started_at)}",
+        f"  finished: {_when(tx.finished_at)}",
+        f"  deadline: {_when(tx.deadline)}",
+        f"  duration: {present.seconds_text(present.duration(tx, now))}",
+    ]
+    if tx.error:
+        lines.append(f"  error:    {tx.error}")
+    steps = [
+        [
+            str(s.position),
+            s.name,
+            str(s.status),
+            str(s.attempts),
+            str(s.compensation_attempts),
+            s.compensation_error or s.error or "",
+        ]
+        for s in tx.steps
+    ]
+    lines += ["", present.table(["#", "STEP", "STATUS", "RUNS", "UNDOS", "ERROR"], steps)]
+    lines += ["", "timeline (from the commit):", _timeline_text(tx, now)]
+    return "\n".join(lines)
+
+
+def _timeline_text(tx: Outcome, now: datetime) -> str:
+    spans = timeline(tx)
+    if not spans:
+        return "  nothing ran"
+    total = max(present.duration(tx, now), 1e-6)
+    rows = []
+    for span in spans:
+        start = (span.started_at - present.origin(tx)).total_seconds()
+        left = round(max(start, 0) / total * _BAR_WIDTH)
+        width = max(round(span.seconds(now) / total * _BAR_WIDTH), 1)
+        bar = " " * min(left, _BAR_WIDTH - 1) + ("#" if span.phase == "action" else "~") * width
+        rows.append(
+            [
+                f"+{present.seconds_text(start)}",
+                span.step,
+                span.phase,
+                span.result,
+                present.seconds_text(span.seconds(now)),
+                f"|{bar[:_BAR_WIDTH].ljust(_BAR_WIDTH)}|",
+            ]
+        )
+    return present.table(
+        ["AT", "STEP", "PHASE", "RESULT", "TOOK", "# action  ~ compensation"], rows
+    )
+
+
+# -- steering ------------------------------------------------------------------
+
+
+@tx.command()
+@click.argument("tx_id")
+@_common
+@click.pass_context
+def retry(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool) -> None:
+    """Take up a FAILED or stalled (RUNNING, COMPENSATING) transaction again."""
+    with _coordinator(ctx, database_url) as coordinator:
+        found = coordinator.retry_transaction(tx_id)
+    _print_outcome(found, as_json, "retried")
+
+
+@tx.command()
+@click.argument("tx_id")
+@click.option("--reason", default="aborted by an operator", show_default=True)
+@_common
+@click.pass_context
+def abort(
+    ctx: click.Context, tx_id: str, reason: str, database_url: str | None, as_json: bool
+) -> None:
+    """Roll back a PENDING or RUNNING transaction now."""
+    with _coordinator(ctx, database_url) as coordinator:
+        found = coordinator.abort_transaction(tx_id, reason)
+    _print_outcome(found, as_json, "aborted")
+
+
+def _print_outcome(tx: Outcome, as_json: bool, verb: str) -> None:
+    if as_json:
+        _echo_json(present.outcome_json(tx, _now()))
+    else:
+        click.echo(f"{verb} {tx.id}: now {tx.status}")
+
+
+# -- sweeps --------------------------------------------------------------------
+
+_limit = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+
+
+@tx.command()
+@_limit
+@_common
 @click.pass_context
 def reap(ctx: click.Context, database_url: str | None, limit: int, as_json: bool) -> None:
     """Roll back transactions still PENDING or RUNNING past their deadline."""
-    _report(ctx, lambda c: c.reap(limit=limit), database_url, as_json)
+    with _coordinator(ctx, database_url) as coordinator:
+        report = coordinator.reap(limit=limit)
+    _report(ctx, report, as_json)
 
 
 @tx.command()
@@ -55,7 +317,8 @@ def reap(ctx: click.Context, database_url: str | None, limit: int, as_json: bool
     default=None,
     help="Seconds without a journal write (default: the app's, else 300).",
 )
-@_sweep_options
+@_limit
+@_common
 @click.pass_context
 def recover(
     ctx: click.Context,
@@ -65,22 +328,12 @@ def recover(
     as_json: bool,
 ) -> None:
     """Resume RUNNING or COMPENSATING transactions whose journal stopped changing."""
-    _report(ctx, lambda c: c.recover(stalled_after, limit=limit), database_url, as_json)
+    with _coordinator(ctx, database_url) as coordinator:
+        report = coordinator.recover(stalled_after, limit=limit)
+    _report(ctx, report, as_json)
 
 
-def _coordinator(ctx: click.Context, database_url: str | None) -> TransactionCoordinator:
-    if database_url:
-        return TransactionCoordinator(database_url)
-    app = getattr(ctx.obj, "app", None)
-    return TransactionCoordinator(app=app)
-
-
-def _report(ctx: click.Context, sweep: Any, database_url: str | None, as_json: bool) -> None:
-    try:
-        with _coordinator(ctx, database_url) as coordinator:
-            report: SweepReport = sweep(coordinator)
-    except CeleryTxError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+def _report(ctx: click.Context, report: SweepReport, as_json: bool) -> None:
     summary: dict[str, list[Any]] = {
         "rolled_back": [str(t) for t in report.rolled_back],
         "resumed": [str(t) for t in report.resumed],
@@ -88,11 +341,90 @@ def _report(ctx: click.Context, sweep: Any, database_url: str | None, as_json: b
         "left_for_later": [{"id": str(t), "error": why} for t, why in report.errors],
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        _echo_json(summary)
     else:
         for label, entries in summary.items():
             click.echo(f"{label.replace('_', ' ')}: {len(entries)}")
             for entry in entries:
                 click.echo(f"  {entry if isinstance(entry, str) else ' '.join(entry.values())}")
     if report.errors:
-        ctx.exit(1)
+        ctx.exit(EXIT_FAILED)
+
+
+# -- the journal as a whole ----------------------------------------------------
+
+
+@tx.command()
+@click.option(
+    "--finished-within",
+    type=Duration(),
+    help="Durations of transactions finished this recently only (counts: all).",
+)
+@_common
+@click.pass_context
+def stats(
+    ctx: click.Context,
+    finished_within: timedelta | None,
+    database_url: str | None,
+    as_json: bool,
+) -> None:
+    """Counts by status and name, durations (median, p95, p99), the oldest open one."""
+    with _coordinator(ctx, database_url) as coordinator:
+        found = coordinator.transaction_stats(finished_within=finished_within)
+    if as_json:
+        _echo_json(found.as_json())
+        return
+    statuses = list(TxStatus)
+    rows = [
+        [name or "(unnamed)", *(str(counts.get(s, 0)) for s in statuses)]
+        for name, counts in sorted(found.by_name.items(), key=lambda kv: kv[0] or "")
+    ]
+    rows.append(["TOTAL", *(str(found.by_status[s]) for s in statuses)])
+    click.echo(present.table(["NAME", *statuses], rows))
+    d = found.durations
+    click.echo(
+        f"\ndurations (commit to final, {d.count} transactions): "
+        + ", ".join(
+            f"{label} {present.seconds_text(value)}"
+            for label, value in (("median", d.median), ("p95", d.p95), ("p99", d.p99))
+        )
+    )
+    oldest = found.oldest_open
+    if oldest is None:
+        click.echo("oldest open: none")
+    else:
+        age = present.seconds_text((_now() - oldest.created_at).total_seconds())
+        click.echo(
+            f"oldest open: {oldest.id} ({oldest.name or 'unnamed'}) {oldest.status}, {age} old"
+        )
+
+
+@tx.command()
+@click.option(
+    "--older-than",
+    type=Duration(),
+    required=True,
+    help="Delete final transactions that finished longer ago than this (e.g. 7d).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_common
+@click.pass_context
+def purge(
+    ctx: click.Context,
+    older_than: timedelta,
+    yes: bool,
+    database_url: str | None,
+    as_json: bool,
+) -> None:
+    """Delete finished (COMMITTED, ROLLED_BACK, FAILED) transactions; never open ones."""
+    if not yes and sys.stdin.isatty():
+        click.confirm(
+            f"Delete every final transaction that finished more than {older_than} ago?",
+            abort=True,
+        )
+    with _coordinator(ctx, database_url) as coordinator:
+        deleted = coordinator.purge_transactions(older_than)
+    if as_json:
+        _echo_json({"deleted": deleted, "older_than_seconds": older_than.total_seconds()})
+    else:
+        click.echo(f"deleted {deleted} transactions")

@@ -34,6 +34,7 @@ from celery_tx.ids import parse_tx_id
 from celery_tx.local import callables
 from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
+from celery_tx.operations import OperatorCalls
 from celery_tx.recovery import CELERY, DEFAULT_STALLED_AFTER, LOCAL, Sweeper, SweepReport
 from celery_tx.store import Journal
 
@@ -50,7 +51,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class TransactionCoordinator:
+class TransactionCoordinator(OperatorCalls):
     """Runs distributed transactions whose every state change is journaled in SQL.
 
     Participants are Celery tasks declared with ``@participant`` (pass ``app``),
@@ -442,14 +443,21 @@ class TransactionCoordinator:
         threading.Thread(target=sweep_forever, name="celery-tx-sweeper", daemon=True).start()
 
     def retry_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
-        """Run the failed compensations of a FAILED transaction again (an operator's call).
+        """Take up a FAILED or stalled transaction again (an operator's call).
 
-        Use it once the cause is fixed (a bug in a compensation, a service that
-        was down). In-process compensations run here and the final snapshot is
-        returned; Celery ones are sent and the COMPENSATING snapshot is returned
-        (``commit_transaction_async``-style: poll ``get_transaction``).
+        FAILED: its failed compensations run again, each with its whole retry
+        policy; use it once the cause is fixed (a bug in a compensation, a
+        service that was down). RUNNING or COMPENSATING: it is resumed from the
+        journal at once, as ``recover()`` would after the stall time: the
+        current action again and the rest, or the remaining compensations (a
+        step may run twice; participants use ``barrier()``). In-process steps
+        run here and the final snapshot is returned; Celery ones are sent and
+        the snapshot after sending is returned (poll ``get_transaction``).
+        Any other status raises ``TransactionStateError``.
         """
         tx = self._load(parse_tx_id(tx_id))
+        if tx.status in (TxStatus.RUNNING, TxStatus.COMPENSATING):
+            return self._resume(tx)
         tx = self._journal.apply(tx, lambda t: tr.retry_failed(t, self._clock()), durable=True)
         logger.warning("retrying the failed compensations", extra=tx_extra(tx.id))
         if _is_celery(tx):
@@ -457,6 +465,19 @@ class TransactionCoordinator:
             return tx
         calls = [self._resolve(tx.id, step) for step in tx.steps]
         return self._runner.run_compensations(tx, calls)
+
+    def _resume(self, tx: Outcome) -> Outcome:
+        sweeper = self._sweeper()
+        if not sweeper.can_run(tx):
+            raise ParticipantNotResolvable(
+                f"transaction {tx.id} has Celery task participants: retry it with "
+                "TransactionCoordinator(app=...) (celery -A proj tx retry)"
+            )
+        report = SweepReport()
+        sweeper.resume(tx, report)
+        if report.failed:
+            logger.error("could not resume: %s", report.failed[0][1], extra=tx_extra(tx.id))
+        return self._load(tx.id)
 
     def _sweeper(self, drivers: tuple[str, ...] = (LOCAL, CELERY)) -> Sweeper:
         send = self._send_from if self.app is not None else None

@@ -85,10 +85,10 @@ class Sweeper:
     step_limit: Callable[[StepOutcome], float | None] | None = None
     """A step's time limit in seconds, if it has one; enforced by ``reap_overtime``."""
 
-    def _can_run(self, tx: Outcome) -> bool:
+    def can_run(self, tx: Outcome) -> bool:
         """In-process, or Celery with an app to send with: a sweep must not journal a
         resumption or a rollback it then cannot carry out."""
-        return _in_process(tx) or self.send is not None
+        return in_process(tx) or self.send is not None
 
     def _drivers(self) -> list[str]:
         return [d for d in self.drivers if d != CELERY or self.send is not None]
@@ -131,7 +131,7 @@ class Sweeper:
         return report
 
     def _reap_overtime_one(self, tx: Outcome, report: SweepReport) -> None:
-        if not self._can_run(tx) or tx.status is not TxStatus.RUNNING or self.step_limit is None:
+        if not self.can_run(tx) or tx.status is not TxStatus.RUNNING or self.step_limit is None:
             return
         step = tx.steps[tr.resume_point(tx)]
         seconds = self.step_limit(step)
@@ -149,10 +149,10 @@ class Sweeper:
         report.rolled_back.append(tx.id)
         logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, step.name))
         if tx.status is TxStatus.COMPENSATING:
-            self._compensate(tx, report)
+            self.compensate(tx, report)
 
     def _reap_one(self, tx: Outcome, report: SweepReport) -> None:
-        if not self._can_run(tx):
+        if not self.can_run(tx):
             return
         now = self.clock()
         if tx.deadline is None or tx.deadline >= now or tx.status.is_final:
@@ -173,7 +173,7 @@ class Sweeper:
         report.rolled_back.append(tx.id)
         logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, running))
         if tx.status is TxStatus.COMPENSATING:
-            self._compensate(tx, report)
+            self.compensate(tx, report)
 
     # -- stalls --------------------------------------------------------------
 
@@ -191,11 +191,13 @@ class Sweeper:
             limit=limit,
             updated_before=now - timedelta(seconds=stalled_after),
         ):
-            self._guarded(tx_id, report, self._recover_one)
+            self._guarded(tx_id, report, self.resume)
         return report
 
-    def _recover_one(self, tx: Outcome, report: SweepReport) -> None:
-        if not self._can_run(tx):
+    def resume(self, tx: Outcome, report: SweepReport) -> None:
+        """Take up a RUNNING or COMPENSATING transaction where the journal says,
+        if it is still the very version read (else ``TransactionStateError``)."""
+        if not self.can_run(tx):
             return
         if tx.status is TxStatus.RUNNING:
             self._resume_actions(tx, report)
@@ -205,13 +207,13 @@ class Sweeper:
             report.resumed.append(tx.id)
             logger.warning("resuming the compensations", extra=tx_extra(tx.id))
             if tx.status is TxStatus.COMPENSATING:
-                self._compensate(tx, report)
+                self.compensate(tx, report)
 
     def _resume_actions(self, tx: Outcome, report: SweepReport) -> None:
         position = tr.resume_point(tx)
-        in_process = _in_process(tx)
-        calls = self._calls(tx, report) if in_process else None
-        if in_process and calls is None:
+        here = in_process(tx)
+        calls = self._calls(tx, report) if here else None
+        if here and calls is None:
             return  # abandoned: reported failed
         # Journaled before anything runs again: an attempt more, and the write
         # only one sweep wins.
@@ -224,9 +226,9 @@ class Sweeper:
         elif self.send is not None:
             self.send(tx, position)
 
-    def _compensate(self, tx: Outcome, report: SweepReport) -> None:
+    def compensate(self, tx: Outcome, report: SweepReport) -> None:
         """Run (in-process) or send (Celery) the compensations still due."""
-        if not _in_process(tx):
+        if not in_process(tx):
             if self.send is not None:
                 self.send(tx, None)
             return
@@ -271,7 +273,7 @@ class Sweeper:
             logger.warning("sweep left it for the next one: %r", exc, extra=tx_extra(tx_id))
 
 
-def _in_process(tx: Outcome) -> bool:
+def in_process(tx: Outcome) -> bool:
     """Whether its participants are callables (the steps say so, whatever the driver
     column of a journal written before it was kept says)."""
     return not (tx.steps and messages.is_celery_step(tx.steps[0].action))

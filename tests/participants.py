@@ -77,3 +77,11 @@ def append_line_slowly(path: str, line: str, seconds: float) -> None:
     """An importable participant: append a line, then take a while (a window to crash in)."""
     append_line(path, line)
     time.sleep(seconds)
+
+
+def append_unless_flagged(flag: str, path: str, line: str) -> None:
+    """An importable participant that fails while the file ``flag`` exists (a bug not
+    fixed yet), then appends a line to ``path``."""
+    if os.path.exists(flag):
+        raise Boom(f"{flag} is still there")
+    append_line(path, line)

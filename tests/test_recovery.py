@@ -306,7 +306,7 @@ def test_a_sweep_leaves_alone_a_transaction_that_moved_on_since_it_read_it(
     journal.apply(stale, lambda t: tr.start_action(t, 1, datetime.now(UTC)))  # a worker's retry
 
     with pytest.raises(TransactionStateError):
-        sweeper._sweeper()._recover_one(stale, SweepReport())
+        sweeper._sweeper().resume(stale, SweepReport())
     assert journal.load(tx_id).steps[1].attempts == 2  # the retry's, not one more
     assert effects(log) == ["s0 action"]
 

@@ -487,6 +487,15 @@ class Journal:
 
     # -- plumbing ------------------------------------------------------------
 
+    def run(self, statements: Callable[[Connection], _T], *, write: bool) -> _T:
+        """``statements(conn)`` in one database transaction, errors translated.
+
+        For reads and writes outside the compare-and-set path (the operators'
+        queries in ``celery_tx.store.queries``). Reads are retried on transient
+        errors; writes are not, so they must be safe to simply fail.
+        """
+        return self._run(statements, write=write)
+
     def _execute(
         self,
         conn: Connection,

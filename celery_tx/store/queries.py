@@ -1,0 +1,142 @@
+"""The operators' reads and the one delete: list, statistics, purge.
+
+Kept apart from ``Journal``'s hot path: these run when a person or a
+dashboard asks, never per step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from celery_tx.core.outcome import Outcome
+from celery_tx.core.status import TxStatus
+from celery_tx.store import rows, schema
+from celery_tx.store.journal import Journal
+
+_t = schema.transactions
+_s = schema.steps
+_FINAL = [s.value for s in TxStatus if s.is_final]
+_PURGE_BATCH = 500  # rows per delete: short locks, and a purge interrupted keeps its progress
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filter:
+    """Which transactions a listing wants; every field optional."""
+
+    statuses: Sequence[TxStatus] = ()
+    name: str | None = None
+    created_before: datetime | None = None
+    created_after: datetime | None = None
+
+    def apply(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        if self.statuses:
+            select = select.where(_t.c.status.in_([s.value for s in self.statuses]))
+        if self.name is not None:
+            select = select.where(_t.c.name == self.name)
+        if self.created_before is not None:
+            select = select.where(_t.c.created_at < self.created_before)
+        if self.created_after is not None:
+            select = select.where(_t.c.created_at >= self.created_after)
+        return select
+
+
+def list_transactions(
+    journal: Journal, where: Filter, *, limit: int, offset: int = 0
+) -> list[Outcome]:
+    """Matching transactions with their steps, newest first: two statements."""
+    page = where.apply(sa.select(_t)).order_by(_t.c.created_at.desc(), _t.c.id)
+    page = page.limit(limit).offset(offset)
+
+    def statements(conn: Connection) -> list[Outcome]:
+        tx_rows = conn.execute(page).mappings().all()
+        ids = [row["id"] for row in tx_rows]
+        steps: dict[uuid.UUID, list[Any]] = {tx_id: [] for tx_id in ids}
+        if ids:
+            step_rows = conn.execute(
+                sa.select(_s).where(_s.c.tx_id.in_(ids)).order_by(_s.c.tx_id, _s.c.position)
+            )
+            for row in step_rows.mappings():
+                steps[row["tx_id"]].append(row)
+        return [rows.tx_from_rows(dict(row), steps[row["id"]]) for row in tx_rows]
+
+    return journal.run(statements, write=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsRows:
+    """What ``stats`` is computed from, read in one database transaction."""
+
+    counts: list[tuple[str | None, TxStatus, int]]
+    """(name, status, how many)."""
+    durations: list[tuple[str | None, float]]
+    """(name, seconds from commit to final) of final transactions in the window."""
+    oldest_open: Outcome | None
+    """The oldest transaction not final yet, without its steps."""
+
+
+def stats_rows(journal: Journal, *, finished_after: datetime | None = None) -> StatsRows:
+    """Counts by name and status, durations of final transactions, the oldest open one."""
+    counts = sa.select(_t.c.name, _t.c.status, sa.func.count()).group_by(_t.c.name, _t.c.status)
+    durations = sa.select(
+        _t.c.name, sa.func.coalesce(_t.c.started_at, _t.c.created_at), _t.c.finished_at
+    ).where(_t.c.status.in_(_FINAL), _t.c.finished_at.is_not(None))
+    if finished_after is not None:
+        durations = durations.where(_t.c.finished_at >= finished_after)
+    oldest = sa.select(_t).where(_t.c.status.not_in(_FINAL)).order_by(_t.c.created_at).limit(1)
+
+    def statements(conn: Connection) -> StatsRows:
+        open_row = conn.execute(oldest).mappings().first()
+        return StatsRows(
+            counts=[(name, TxStatus(status), n) for name, status, n in conn.execute(counts)],
+            durations=[
+                (name, (end - start).total_seconds())
+                for name, start, end in conn.execute(durations)
+            ],
+            oldest_open=None if open_row is None else rows.tx_from_rows(dict(open_row), []),
+        )
+
+    return journal.run(statements, write=False)
+
+
+def purge(journal: Journal, *, finished_before: datetime) -> int:
+    """Delete final transactions that finished before ``finished_before``; how many.
+
+    Never a transaction that is not final, even one that stops being final
+    while this runs (an operator retrying a FAILED one): each batch deletes the
+    transaction rows first, re-checking their status as it locks them, and only
+    then the steps of exactly the rows it deleted.
+    """
+    batch = (
+        sa.select(_t.c.id)
+        .where(_t.c.status.in_(_FINAL), _t.c.finished_at < finished_before)
+        .limit(_PURGE_BATCH)
+    )
+    delete = (
+        sa.delete(_t)
+        .where(
+            _t.c.id.in_(batch.scalar_subquery()),
+            _t.c.status.in_(_FINAL),
+            _t.c.finished_at < finished_before,
+        )
+        .returning(_t.c.id)
+    )
+
+    def one_batch(conn: Connection) -> int:
+        deleted = list(conn.execute(delete).scalars())
+        if deleted:
+            conn.execute(sa.delete(_s).where(_s.c.tx_id.in_(deleted)))
+        return len(deleted)
+
+    total = 0
+    while True:
+        deleted = journal.run(one_batch, write=True)
+        total += deleted
+        if deleted < _PURGE_BATCH:
+            return total
