@@ -62,7 +62,7 @@ def span_json(span: Span, tx: Outcome, now: datetime) -> dict[str, Any]:
         "result": span.result,
         "start": (span.started_at - origin(tx)).total_seconds(),
         "seconds": span.seconds(now),
-        "finished": span.finished_at is not None,
+        "finished": span.result != "running",
         "attempts": span.attempts,
         "error": span.error,
     }

@@ -198,3 +198,83 @@ def test_a_step_past_its_time_limit_on_a_threads_pool_is_rolled_back(
     assert effects(path)[:4] == ["a:action", "slow:action", "slow:compensation", "a:compensation"]
     # Its late end changed nothing: the journal kept the rollback.
     assert coordinator.get_transaction(tx_id) == outcome
+
+
+def _operator(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """`celery -A tests.apps.embedded tx ...` as an operator runs it, on the stack's servers."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.embedded", "tx", *args],
+        cwd=ROOT,
+        env={**stack.worker_env(), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _wait_final(coordinator: TransactionCoordinator, tx_id: object) -> object:
+    deadline = time.monotonic() + 60
+    outcome = coordinator.get_transaction(tx_id)  # type: ignore[arg-type]
+    while not outcome.status.is_final and time.monotonic() < deadline:
+        time.sleep(0.1)
+        outcome = coordinator.get_transaction(tx_id)  # type: ignore[arg-type]
+    return outcome
+
+
+def test_an_operator_aborts_a_running_transaction(stack: Stack, sender, tmp_path: Path):
+    """`celery tx abort`: the running step and the one before are compensated by the
+    workers, the last never runs."""
+    _, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="stuck")
+    coordinator.register_participant(tx_id, "a", tasks.step.s(str(path), "a"))
+    coordinator.register_participant(tx_id, "slow", tasks.slow.s(str(path), "slow", 3))
+    coordinator.register_participant(tx_id, "c", tasks.step.s(str(path), "c"))
+    worker = _start_worker(stack, tmp_path / "worker.log", stalled_after=60)
+    try:
+        coordinator.commit_transaction_async(tx_id)
+        deadline = time.monotonic() + 60
+        while "slow:action" not in effects(path):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.05)
+        aborted = _operator(stack, "abort", str(tx_id), "--reason", "stuck in review")
+        assert aborted.returncode == 0, aborted.stderr
+        assert "now COMPENSATING" in aborted.stdout
+        outcome = _wait_final(coordinator, tx_id)
+        time.sleep(3)  # the slow step's own end, which must change nothing
+    finally:
+        _stop(worker)
+    assert outcome.status is TxStatus.ROLLED_BACK  # type: ignore[attr-defined]
+    assert outcome.error == "stuck in review"  # type: ignore[attr-defined]
+    done = effects(path)
+    assert sorted(done) == sorted(
+        ["a:action", "slow:action", "slow:action-ended", "slow:compensation", "a:compensation"]
+    )
+    assert done.index("slow:compensation") < done.index("a:compensation")
+    assert coordinator.get_transaction(tx_id) == outcome
+    again = _operator(stack, "abort", str(tx_id))
+    assert again.returncode == 0, again.stderr  # already rolled back: the same answer
+
+
+def test_an_operator_retries_a_stalled_transaction(stack: Stack, sender, tmp_path: Path):
+    """`celery tx retry` resumes at once what the sweeps would only after the stall time."""
+    app, coordinator = sender
+    path = tmp_path / "effects.txt"
+    tx_id = coordinator.begin_transaction(name="lost")
+    for name in ("a", "b"):
+        coordinator.register_participant(tx_id, name, tasks.step.s(str(path), name))
+    coordinator.commit_transaction_async(tx_id)
+    _lose_messages(app)
+    worker = _start_worker(stack, tmp_path / "worker.log", stalled_after=600)
+    try:
+        time.sleep(1)  # the worker's own sweep leaves it alone: not stalled for 600 s
+        assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING
+        retried = _operator(stack, "retry", str(tx_id), "--json")
+        assert retried.returncode == 0, retried.stderr
+        outcome = _wait_final(coordinator, tx_id)
+    finally:
+        _stop(worker)
+    assert outcome.status is TxStatus.COMMITTED, (tmp_path / "worker.log").read_text()[-3000:]  # type: ignore[attr-defined]
+    assert effects(path) == ["a:action", "b:action"]
+    assert _operator(stack, "retry", str(tx_id)).returncode == 4  # COMMITTED: nothing to retry

@@ -40,7 +40,8 @@ class Span:
     started_at: datetime
     """When it (last, for an action) started."""
     finished_at: datetime | None
-    """When it ended; None while running."""
+    """When it ended; None while running. For an ``"unknown"`` action, when the
+    rollback overtook it (its compensation started)."""
     attempts: int
     """How many times it was started."""
     error: str | None
@@ -69,7 +70,9 @@ def _spans(step: StepOutcome) -> list[Span]:
                 phase="action",
                 result=result,
                 started_at=step.started_at,
-                finished_at=step.finished_at,
+                finished_at=step.compensation_started_at
+                if result == "unknown"
+                else step.finished_at,
                 attempts=step.attempts,
                 error=step.error,
             )

@@ -139,7 +139,7 @@ def build_signature(app: Any, tx: Outcome, position: int, phase: Phase) -> Signa
     step = tx.steps[position]
     description = step.action if phase == "action" else step.compensation
     role: registry.Role = "action" if phase == "action" else "compensation"
-    if registry.lookup(description.get("task", ""), role) is None:
+    if _lookup(app, description.get("task", ""), role) is None:
         raise InvalidParticipant(
             f"step {step.name!r} of transaction {tx.id} names {description.get('task')!r}, "
             f"which is not a celery-tx {role} task in this process"
@@ -148,6 +148,21 @@ def build_signature(app: Any, tx: Outcome, position: int, phase: Phase) -> Signa
     kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
     options = {**description.get("options", {}), "task_id": task_id(tx.id, position, phase)}
     return Signature(description["task"], args, kwargs, options=options, immutable=True, app=app)
+
+
+def _lookup(app: Any, name: str, role: registry.Role) -> registry.ParticipantSpec | None:
+    """The participant, importing the app's task modules first if this process has not.
+
+    A worker imports them when it starts; a client, ``celery tx`` or a web
+    process may not have (the app's ``include``/``imports`` and autodiscovered
+    modules): without this, an operator's abort there would find no
+    compensation and end the transaction FAILED.
+    """
+    spec = registry.lookup(name, role)
+    if spec is None and app is not None and hasattr(app, "loader"):
+        app.loader.import_default_modules()  # what `celery worker` does at start
+        spec = registry.lookup(name, role)
+    return spec
 
 
 def pop_step_message(kwargs: dict[str, Any]) -> StepMessage | None:
