@@ -28,11 +28,14 @@ from celery_tx.core.timeline import Span, timeline
 from celery_tx.driver.signals import transaction_finished
 from celery_tx.driver.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
+from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_default, install_metrics
 from celery_tx.recovery import SweepReport
 from celery_tx.step_barrier import barrier
 from celery_tx.sweeping import sweep_once  # also connects every worker's sweeps
 
 __version__ = "0.1.0"
+
+install_default()  # Prometheus metrics, when prometheus-client is installed
 
 __all__ = [
     # the coordinator
@@ -41,6 +44,9 @@ __all__ = [
     "SweepReport",
     "sweep_once",
     # operating it
+    "install_metrics",
+    "JournalCollector",
+    "MetricsUnavailable",
     "TransactionStats",
     "Durations",
     "timeline",

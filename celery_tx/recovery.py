@@ -36,6 +36,7 @@ from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import messages
 from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
+from celery_tx.metrics import record_sweep
 from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.recovery")
@@ -108,7 +109,7 @@ class Sweeper:
             deadline_before=now,
         ):
             self._guarded(tx_id, report, self._reap_one)
-        return report
+        return _recorded(report)
 
     def reap_overtime(self, limit: int = _BATCH) -> SweepReport:
         """Roll back RUNNING transactions whose running step is past its time limit.
@@ -122,13 +123,13 @@ class Sweeper:
         """
         report = SweepReport()
         if self.step_limit is None:
-            return report
+            return _recorded(report)
         # Read, not leased: a lease here would hide these very transactions
         # from recover() (the same sweep, a moment later). Concurrent sweeps
         # are kept apart by the compare-and-set below.
         for tx_id in self.journal.running_steps(drivers=self._drivers(), limit=limit):
             self._guarded(tx_id, report, self._reap_overtime_one)
-        return report
+        return _recorded(report)
 
     def _reap_overtime_one(self, tx: Outcome, report: SweepReport) -> None:
         if not self.can_run(tx) or tx.status is not TxStatus.RUNNING or self.step_limit is None:
@@ -192,7 +193,7 @@ class Sweeper:
             updated_before=now - timedelta(seconds=stalled_after),
         ):
             self._guarded(tx_id, report, self.resume)
-        return report
+        return _recorded(report)
 
     def resume(self, tx: Outcome, report: SweepReport) -> None:
         """Take up a RUNNING or COMPENSATING transaction where the journal says,
@@ -271,6 +272,11 @@ class Sweeper:
         except Exception as exc:  # the journal's and the broker's, of many types
             report.errors.append((tx_id, repr(exc)))
             logger.warning("sweep left it for the next one: %r", exc, extra=tx_extra(tx_id))
+
+
+def _recorded(report: SweepReport) -> SweepReport:
+    record_sweep(len(report.resumed), len(report.rolled_back), len(report.failed))
+    return report
 
 
 def in_process(tx: Outcome) -> bool:

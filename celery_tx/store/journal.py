@@ -344,7 +344,14 @@ class Journal:
 
         Returns ``after`` with its new version. Raises ``JournalConflict`` when the
         journal no longer holds ``before`` (another writer won), leaving it unchanged.
+        Each write that lands is told to the observers (``observe``) once.
         """
+        saved = self._save(before, after, durable=durable)
+        if saved is not after:  # something was written
+            _tell_observers(before, saved)
+        return saved
+
+    def _save(self, before: Outcome, after: Outcome, *, durable: bool) -> Outcome:
         changes = rows.tx_changes(before, after)
         added = after.steps[len(before.steps) :]
         # Transitions copy unchanged steps by reference: compare the others only.
@@ -581,6 +588,30 @@ class Journal:
                 return
             self._transaction(schema.ensure_schema, write=True, durable=False)
             self._schema_ready = True
+
+
+Observer = Callable[[Outcome, Outcome], None]
+_OBSERVERS: list[Observer] = []
+
+
+def observe(observer: Observer) -> Callable[[], None]:
+    """Call ``observer(before, after)`` after every journal write of this process
+    that lands; returns the function that stops it.
+
+    For instrumentation (``celery_tx.metrics``): a write lands exactly once
+    among all processes, so counting here counts each transition once. An
+    observer's error is logged, never raised into the write's caller.
+    """
+    _OBSERVERS.append(observer)
+    return lambda: _OBSERVERS.remove(observer) if observer in _OBSERVERS else None
+
+
+def _tell_observers(before: Outcome, after: Outcome) -> None:
+    for observer in list(_OBSERVERS):
+        try:
+            observer(before, after)
+        except Exception:  # instrumentation must never fail a journal write
+            logger.exception("a journal observer failed")
 
 
 # A lock held by another thread when the process forks (a worker's sweeper
