@@ -1,9 +1,30 @@
-"""Logging helpers: every record carries the transaction id and step name."""
+"""Logging: every record about a transaction carries its id and step name.
+
+- celery-tx's own records pass ``extra=tx_extra(...)``;
+- ``TransactionLogFilter`` gives records logged *inside* a running action or
+  compensation (the participant's own ``logger.info``) the same attributes,
+  from ``current_step()``; records outside any transaction get ``"-"``, so a
+  format naming ``%(tx_id)s`` and ``%(tx_step)s`` works for every record;
+- in a Celery worker both are installed on the worker's handlers (the
+  ``after_setup_logger`` and ``after_setup_task_logger`` signals), and a
+  handler whose format does not name ``tx_id`` gets `` [tx <id> <step>]``
+  appended to the lines about a transaction. ``celery_tx_log_context = False``
+  in the app's configuration leaves the worker's logging alone.
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
+
+from celery import current_app
+from celery.signals import after_setup_logger, after_setup_task_logger
+
+from celery_tx import context
+
+NONE = "-"
+"""The value of ``tx_id`` and ``tx_step`` on a record about no transaction."""
 
 
 def tx_extra(tx_id: uuid.UUID | str, step: str | None = None) -> dict[str, Any]:
@@ -13,4 +34,61 @@ def tx_extra(tx_id: uuid.UUID | str, step: str | None = None) -> dict[str, Any]:
     handler show them (``%(tx_id)s``); ``step`` alone would not collide with
     anything in ``logging`` either, but a prefix keeps them grouped.
     """
-    return {"tx_id": str(tx_id), "tx_step": step}
+    return {"tx_id": str(tx_id), "tx_step": step or NONE}
+
+
+class TransactionLogFilter(logging.Filter):
+    """Sets ``record.tx_id`` and ``record.tx_step`` on every record (never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Fill the attributes from the running step, unless the record has them."""
+        if getattr(record, "tx_id", None) is None:
+            step = context._current.get()
+            record.tx_id = NONE if step is None else str(step.transaction_id)
+            record.tx_step = NONE if step is None else step.step
+        elif getattr(record, "tx_step", None) is None:
+            record.tx_step = NONE
+        return True
+
+
+class TransactionFormatter(logging.Formatter):
+    """Wraps a handler's formatter: appends `` [tx <id> <step>]`` to records about a
+    transaction, for formats that do not show ``tx_id`` themselves."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The inner formatter's line, with the transaction appended to its first line."""
+        text = self.inner.format(record)
+        tx_id = getattr(record, "tx_id", NONE)
+        if tx_id in (None, NONE):
+            return text
+        first, newline, rest = text.partition("\n")
+        step = getattr(record, "tx_step", NONE)
+        suffix = f" [tx {tx_id}]" if step in (None, NONE) else f" [tx {tx_id} {step}]"
+        return f"{first}{suffix}{newline}{rest}"
+
+
+def add_transaction_context(logger: logging.Logger) -> None:
+    """Install the filter, and the formatter where needed, on ``logger``'s handlers."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, TransactionLogFilter) for f in handler.filters):
+            handler.addFilter(TransactionLogFilter())
+        formatter = handler.formatter or logging.Formatter()
+        shown = "tx_id" in str(getattr(formatter, "_fmt", "") or "")
+        if not shown and not isinstance(formatter, TransactionFormatter):
+            handler.setFormatter(TransactionFormatter(formatter))
+
+
+def _wanted() -> bool:
+    # Celery sends these signals without a sender; the worker's app is current then.
+    return current_app.conf.get("celery_tx_log_context", True) is not False
+
+
+@after_setup_logger.connect  # type: ignore[untyped-decorator]
+@after_setup_task_logger.connect  # type: ignore[untyped-decorator]
+def _on_worker_logging(sender: Any = None, logger: logging.Logger | None = None, **_: Any) -> None:
+    if logger is not None and _wanted():
+        add_transaction_context(logger)

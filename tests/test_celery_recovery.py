@@ -110,6 +110,9 @@ def test_a_transaction_whose_message_was_lost_is_resumed_by_a_worker(
     # The lost first step never started: the sweep journaled it started, once.
     assert [s.attempts for s in outcome.steps] == [1, 1, 1]
     assert "resuming the actions at 'a'" in log
+    # Every record about it names it: the workers' own, and the participant's.
+    assert f"resuming the actions at 'a' [tx {tx_id}]" in log
+    assert f"the participant's own log line [tx {tx_id} b]" in log
 
 
 @pytest.mark.parametrize("lost", [True, False], ids=["message-lost", "message-late"])

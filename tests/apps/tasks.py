@@ -13,7 +13,11 @@ import os
 import time
 from pathlib import Path
 
+from celery.utils.log import get_task_logger
+
 from celery_tx import RetryPolicy, current_step, participant
+
+logger = get_task_logger(__name__)
 
 
 class StepFailed(Exception):
@@ -49,6 +53,7 @@ def step(path: str, name: str, behaviour: str = "ok") -> dict[str, object]:
         _append(path, f"{name}:transient-error")
         raise ConnectionError(f"{name} attempt {context.attempt} hit a transient error")
     _append(path, f"{name}:action")
+    logger.info("the participant's own log line")  # the worker adds the transaction
     return {"step": name, "pid": os.getpid(), "key": context.idempotency_key}
 
 
