@@ -32,6 +32,7 @@ from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_defa
 from celery_tx.recovery import SweepReport
 from celery_tx.step_barrier import barrier
 from celery_tx.sweeping import sweep_once  # also connects every worker's sweeps
+from celery_tx.web import WebUnavailable, transactions_blueprint
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,8 @@ __all__ = [
     "install_metrics",
     "JournalCollector",
     "MetricsUnavailable",
+    "transactions_blueprint",
+    "WebUnavailable",
     "TransactionStats",
     "Durations",
     "timeline",

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+import prometheus_client
 from celery import Celery, Task
 from celery.app.defaults import DEFAULTS as CELERY_DEFAULTS
 from flask import (
@@ -50,6 +51,7 @@ from werkzeug.exceptions import HTTPException
 
 from celery_tx import (
     BrokerUnavailable,
+    JournalCollector,
     JournalUnavailable,
     Outcome,
     StepOutcome,
@@ -57,6 +59,7 @@ from celery_tx import (
     TransactionCoordinator,
     TransactionNotFound,
 )
+from celery_tx.web import transactions_blueprint
 from example_shop.app import configure
 from example_shop.checkout import place_order
 from example_shop.runtime import CATALOG, reset_shop
@@ -163,9 +166,26 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config["CELERY"] = {**app.config["CELERY"], **overrides.pop("CELERY", {})}
     app.config.from_mapping(overrides)
     celery_app = celery_init_app(app)
-    app.extensions["celery_tx"] = TransactionCoordinator(app=celery_app)
+    coordinator = TransactionCoordinator(app=celery_app)
+    app.extensions["celery_tx"] = coordinator
     app.register_blueprint(shop)
+    # celery-tx's read-only pages of every transaction, and Prometheus's /metrics.
+    app.register_blueprint(transactions_blueprint(coordinator), url_prefix="/transactions")
+    app.add_url_rule("/metrics", "metrics", _metrics_view(coordinator))
     return app
+
+
+def _metrics_view(coordinator: TransactionCoordinator) -> Any:
+    """This process's celery-tx metrics, plus the journal's open transactions."""
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(JournalCollector(coordinator))
+
+    def metrics() -> Response:
+        body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
+        body += prometheus_client.generate_latest(registry)
+        return Response(body, mimetype=prometheus_client.CONTENT_TYPE_LATEST)
+
+    return metrics
 
 
 @functools.cache

@@ -29,6 +29,8 @@ PUBLIC = {
     "install_metrics",
     "JournalCollector",
     "MetricsUnavailable",
+    "transactions_blueprint",
+    "WebUnavailable",
     "Durations",
     "timeline",
     "Span",

@@ -1,0 +1,124 @@
+"""A read-only web page of transactions: a Flask blueprint an app mounts.
+
+::
+
+    from celery_tx.web import transactions_blueprint
+    app.register_blueprint(transactions_blueprint(coordinator), url_prefix="/transactions")
+
+``/`` lists transactions (filters ``status`` and ``name``, newest first, paged
+with ``page``); ``/<id>`` shows one: its steps and a timeline of its actions
+and compensations as bars on a time axis. Both refresh themselves every
+``refresh_seconds`` (a small script fetches the page again and swaps its
+content; a finished transaction stops refreshing). ``/api/transactions`` and
+``/api/transactions/<id>`` give the same as JSON (as ``celery tx ... --json``).
+Nothing here writes: aborting and retrying stay with ``celery tx``, behind
+whatever access the operators' shell has. Mount it behind your app's
+authentication: transaction names, step names and errors are shown.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from celery_tx import present
+from celery_tx.core.errors import (
+    CeleryTxError,
+    InvalidArgument,
+    InvalidTransactionId,
+    TransactionNotFound,
+)
+from celery_tx.core.status import TxStatus
+from celery_tx.web.drawing import draw_timeline
+
+if TYPE_CHECKING:
+    from flask import Blueprint
+
+    from celery_tx.coordinator import TransactionCoordinator
+
+PAGE_SIZE = 50
+
+
+class WebUnavailable(CeleryTxError, ImportError):
+    """Raised when the web page is asked for but Flask is not installed."""
+
+
+def transactions_blueprint(
+    coordinator: TransactionCoordinator, *, refresh_seconds: float = 2.0, name: str = "celery_tx"
+) -> Blueprint:
+    """The read-only transactions pages on ``coordinator``'s journal, to mount with
+    ``app.register_blueprint(..., url_prefix=...)``."""
+    try:
+        from flask import Blueprint, abort, jsonify, render_template, request  # noqa: PLC0415
+    except ImportError as exc:  # optional: the rest of celery-tx works without Flask
+        raise WebUnavailable("the web page needs Flask: pip install 'celery-tx[web]'") from exc
+    if refresh_seconds <= 0:
+        raise InvalidArgument(f"refresh_seconds must be positive, got {refresh_seconds!r}")
+    blueprint = Blueprint(name, __name__, template_folder="templates")
+    refresh_ms = int(refresh_seconds * 1000)
+
+    def listing() -> tuple[list[Any], dict[str, Any]]:
+        status = request.args.get("status") or None
+        if status is not None and status.upper() not in TxStatus.__members__:
+            abort(400, f"unknown status {status!r}")
+        page = request.args.get("page", "1")
+        if not page.isdigit() or int(page) < 1:
+            abort(400, "page must be a positive integer")
+        name = request.args.get("name") or None
+        number = int(page)
+        found = coordinator.list_transactions(
+            status=status, name=name, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE
+        )
+        return found, {"status": status, "name": name, "page": number}
+
+    def load(tx_id: str) -> Any:
+        try:
+            return coordinator.get_transaction(tx_id)
+        except InvalidTransactionId:
+            abort(400, f"not a transaction id: {tx_id!r}")
+        except TransactionNotFound:
+            abort(404, f"no transaction {tx_id}")
+
+    @blueprint.get("/")
+    def index() -> Any:
+        found, filters = listing()
+        now = datetime.now(UTC)
+        return render_template(
+            "celery_tx/list.html",
+            rows=[present.outcome_json(t, now, with_steps=False) for t in found],
+            filters=filters,
+            statuses=list(TxStatus),
+            more=len(found) == PAGE_SIZE,
+            refresh_ms=refresh_ms,
+            fragment=request.args.get("fragment") == "1",
+            seconds_text=present.seconds_text,
+        )
+
+    @blueprint.get("/<tx_id>")
+    def detail(tx_id: str) -> Any:
+        tx = load(tx_id)
+        now = datetime.now(UTC)
+        return render_template(
+            "celery_tx/detail.html",
+            tx=present.outcome_json(tx, now),
+            drawing=draw_timeline(tx, now),
+            final=tx.is_final,
+            refresh_ms=refresh_ms,
+            fragment=request.args.get("fragment") == "1",
+            seconds_text=present.seconds_text,
+        )
+
+    @blueprint.get("/api/transactions")
+    def api_list() -> Any:
+        found, filters = listing()
+        now = datetime.now(UTC)
+        return jsonify(
+            page=filters["page"],
+            transactions=[present.outcome_json(t, now, with_steps=False) for t in found],
+        )
+
+    @blueprint.get("/api/transactions/<tx_id>")
+    def api_detail(tx_id: str) -> Any:
+        return jsonify(present.outcome_json(load(tx_id), datetime.now(UTC)))
+
+    return blueprint

@@ -1,0 +1,199 @@
+"""The transactions web page in a real headless browser (Debian's chromium).
+
+Served by a real HTTP server in this process; chromium is driven through
+chromedriver (selenium). The detail page of a finished transaction is saved
+as a screenshot (``timeline.png`` in the test's folder, and under
+``$CELERY_TX_SCREENSHOTS`` when set).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from celery_tx import TransactionCoordinator, TxStatus, transactions_blueprint
+from celery_tx.core import transitions as tr
+from tests.conftest import server_missing
+from tests.participants import append_line, append_line_slowly, fail_with
+
+pytestmark = pytest.mark.timeout(180)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        server_missing("chromium", FileNotFoundError(f"{CHROMIUM} and {CHROMEDRIVER}"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        # This machine's network is closed: no attempts to reach Google's services.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1100,900",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[str, TransactionCoordinator]]:
+    """The blueprint mounted in a Flask app, served on a free port of loopback."""
+    coordinator = TransactionCoordinator(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
+    app = Flask("site")
+    app.register_blueprint(
+        transactions_blueprint(coordinator, refresh_seconds=0.3), url_prefix="/transactions"
+    )
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/transactions", coordinator
+    finally:
+        server.shutdown()
+        coordinator.close()
+
+
+def _rolled_back(coordinator: TransactionCoordinator, log: str) -> Any:
+    tx_id = coordinator.begin_transaction(name="order")
+    coordinator.register_participant(
+        tx_id, "charge", functools.partial(append_line_slowly, log, "charge", 0.05), print
+    )
+    coordinator.register_participant(
+        tx_id, "reserve", functools.partial(append_line_slowly, log, "reserve", 0.03), print
+    )
+    coordinator.register_participant(tx_id, "email", functools.partial(fail_with, "550"), print)
+    return coordinator.commit_transaction(tx_id)
+
+
+def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+
+    url, coordinator = site
+    log = str(tmp_path / "effects.log")
+    rolled_back = _rolled_back(coordinator, log)
+    committed = coordinator.begin_transaction(name="order")
+    coordinator.register_participant(
+        committed, "charge", functools.partial(append_line, log, "c"), print
+    )
+    coordinator.commit_transaction(committed)
+    coordinator.begin_transaction(name="cart <script>alert(1)</script>")  # escaped, not run
+
+    browser.get(url + "/")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
+    assert [r.get_attribute("data-status") for r in rows] == ["PENDING", "COMMITTED", "ROLLED_BACK"]
+    assert "cart <script>alert(1)</script>" in rows[0].text
+    browser.get(url + "/?status=ROLLED_BACK")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
+    assert [r.get_attribute("data-id") for r in rows] == [str(rolled_back.id)]
+
+    rows[0].find_element(By.TAG_NAME, "a").click()
+    assert browser.find_element(By.ID, "status").text == "ROLLED_BACK"
+    bars = browser.find_elements(By.CSS_SELECTOR, "#timeline rect.bar")
+    drawn = [
+        (
+            b.get_attribute("data-step"),
+            b.get_attribute("data-phase"),
+            b.get_attribute("data-result"),
+        )
+        for b in bars
+    ]
+    assert drawn == [
+        ("charge", "action", "done"),
+        ("reserve", "action", "done"),
+        ("email", "action", "failed"),
+        ("email", "compensation", "done"),
+        ("reserve", "compensation", "done"),
+        ("charge", "compensation", "done"),
+    ]
+    # Drawn on one time axis: each starts where the one before it ended, or later.
+    xs = [float(b.get_attribute("x")) for b in bars]
+    assert xs == sorted(xs)
+    charge = bars[0].rect
+    assert charge["width"] > 20  # 50 ms of a ~100 ms transaction: a real bar
+    assert bars[1].rect["x"] >= charge["x"] + charge["width"] - 1
+    shot = tmp_path / "timeline.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    if os.environ.get("CELERY_TX_SCREENSHOTS"):
+        folder = Path(os.environ["CELERY_TX_SCREENSHOTS"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, folder / "timeline.png")
+
+
+def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site, tmp_path: Path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, coordinator = site
+    log = str(tmp_path / "effects.log")
+    tx_id = coordinator.begin_transaction(name="order")
+    coordinator.register_participant(
+        tx_id, "charge", functools.partial(append_line, log, "c"), print
+    )
+    coordinator.register_participant(
+        tx_id, "email", functools.partial(append_line, log, "e"), print
+    )
+    journal, now = coordinator._journal, datetime.now(UTC)
+    journal.apply(journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+
+    browser.get(f"{url}/{tx_id}")
+    assert browser.find_element(By.ID, "status").text == "RUNNING"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline rect.bar")) == 1
+    browser.execute_script("window.loadedOnce = true;")  # gone if the page reloads
+
+    assert coordinator.retry_transaction(tx_id).status is TxStatus.COMMITTED  # it finishes
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "COMMITTED")
+    assert browser.execute_script("return window.loadedOnce === true;")
+    results = [
+        b.get_attribute("data-result")
+        for b in browser.find_elements(By.CSS_SELECTOR, "#timeline rect.bar")
+    ]
+    assert results == ["done", "done"]
+    summary = browser.find_element(By.ID, "summary")
+    assert summary.get_attribute("data-final") == "true"  # and it stops refreshing
+
+
+def test_bad_addresses_get_clear_errors(site):
+    import urllib.error
+    import urllib.request
+
+    url, _ = site
+    for path, code in (
+        ("/not-an-id", 400),
+        ("/00000000-0000-0000-0000-000000000000", 404),
+        ("/?status=DONE", 400),
+        ("/?page=0", 400),
+        ("/api/transactions/00000000-0000-0000-0000-000000000000", 404),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(url + path, timeout=10)
+        assert caught.value.code == code, path
+    with urllib.request.urlopen(url + "/api/transactions", timeout=10) as response:
+        assert response.status == 200
