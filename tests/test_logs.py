@@ -26,13 +26,15 @@ def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("test_logs")
-    root.addHandler(handler)
-    user_logger.addHandler(handler)
-    add_transaction_context(root)
-    add_transaction_context(user_logger)
+    for logger in (root, user_logger):
+        logger.addHandler(handler)
+        # Whatever levels other tests (and Celery's worker setup) left behind.
+        logger.setLevel(logging.INFO)
+        add_transaction_context(logger)
     yield root, out
-    root.removeHandler(handler)
-    user_logger.removeHandler(handler)
+    for logger in (root, user_logger):
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 def test_a_participants_own_records_name_the_transaction_and_step(captured, database_url: str):
@@ -57,6 +59,7 @@ def test_a_format_that_names_tx_id_gets_it_on_every_record():
     logger = logging.getLogger("test_logs.formatted")
     logger.addHandler(handler)
     logger.propagate = False
+    logger.setLevel(logging.INFO)
     add_transaction_context(logger)
     assert not isinstance(handler.formatter, TransactionFormatter)  # it shows them itself
     logger.warning("outside")

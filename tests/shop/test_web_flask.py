@@ -329,3 +329,26 @@ def test_celery_finds_the_web_celery_app_and_importing_the_module_creates_nothin
     )
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == ["False", "example_shop.web", "FlaskTask", "True", "True"]
+
+
+def test_the_shop_mounts_the_transactions_page_and_metrics(shop: RunningShop, client: FlaskClient):
+    response = client.post(
+        "/orders",
+        json={
+            "customer_id": "alice",
+            "email": "alice@example.com",
+            "items": [{"sku": "MUG", "quantity": 1}],
+        },
+    )
+    placed = response.get_json()
+    _wait_for_order(shop, client, placed["order_id"], _final("CONFIRMED", "COMMITTED"))
+    listing = client.get("/transactions/")
+    assert listing.status_code == 200
+    assert placed["transaction_id"] in listing.get_data(as_text=True)
+    page = client.get(f"/transactions/{placed['transaction_id']}").get_data(as_text=True)
+    assert page.count('data-phase="action" data-result="done"') == len(STEPS)
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    text = metrics.get_data(as_text=True)
+    assert "# TYPE celery_tx_transactions_total counter" in text
+    assert "celery_tx_oldest_open_transaction_seconds" in text
