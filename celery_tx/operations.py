@@ -88,7 +88,9 @@ class OperatorCalls:
         if finished_within is not None:
             since = self._clock() - _age("finished_within", finished_within)
         found = queries.stats_rows(self._journal, finished_after=since)
-        return tx_stats.compute(found.counts, found.durations, found.oldest_open)
+        return tx_stats.compute(
+            found.counts, found.durations, found.durations_by_name, found.oldest_open
+        )
 
     def purge_transactions(self, older_than: float | timedelta) -> int:
         """Delete final transactions that finished more than ``older_than`` ago; how many.
@@ -114,8 +116,9 @@ class OperatorCalls:
         is already rolling back returns it unchanged; a COMMITTED or FAILED one
         raises ``TransactionStateError``.
         """
-        tx = self._load(parse_tx_id(tx_id))
+        tx_id = parse_tx_id(tx_id)
         reason = _optional_text("reason", reason) or "aborted by an operator"
+        tx = self._load(tx_id)
         sweeper = self._sweeper()
         if not sweeper.can_run(tx):
             raise ParticipantNotResolvable(

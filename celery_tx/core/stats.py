@@ -81,7 +81,8 @@ class TransactionStats:
 
 def compute(
     counts: Sequence[tuple[str | None, TxStatus, int]],
-    durations: Sequence[tuple[str | None, float]],
+    durations: Durations,
+    durations_by_name: dict[str | None, Durations],
     oldest_open: Outcome | None,
 ) -> TransactionStats:
     """Assemble the statistics from the journal's grouped counts and durations."""
@@ -90,14 +91,11 @@ def compute(
     for name, status, n in counts:
         by_status[status] += n
         by_name[name][status] = by_name[name].get(status, 0) + n
-    seconds_by_name: dict[str | None, list[float]] = defaultdict(list)
-    for name, seconds in durations:
-        seconds_by_name[name].append(seconds)
     return TransactionStats(
         by_status=by_status,
         by_name=dict(by_name),
-        durations=Durations.of(seconds for _, seconds in durations),
-        durations_by_name={n: Durations.of(s) for n, s in seconds_by_name.items()},
+        durations=durations,
+        durations_by_name=durations_by_name,
         oldest_open=oldest_open,
     )
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from celery_tx.core.outcome import Outcome
+from celery_tx.core.stats import Durations
 from celery_tx.core.status import TxStatus
 from celery_tx.store import rows, schema
 from celery_tx.store.journal import Journal
@@ -75,8 +76,10 @@ class StatsRows:
 
     counts: list[tuple[str | None, TxStatus, int]]
     """(name, status, how many)."""
-    durations: list[tuple[str | None, float]]
-    """(name, seconds from commit to final) of final transactions in the window."""
+    durations: Durations
+    """Seconds from commit to final, of the final transactions in the window."""
+    durations_by_name: dict[str | None, Durations]
+    """The same per transaction name."""
     oldest_open: Outcome | None
     """The oldest transaction not final yet, without its steps."""
 
@@ -84,25 +87,80 @@ class StatsRows:
 def stats_rows(journal: Journal, *, finished_after: datetime | None = None) -> StatsRows:
     """Counts by name and status, durations of final transactions, the oldest open one."""
     counts = sa.select(_t.c.name, _t.c.status, sa.func.count()).group_by(_t.c.name, _t.c.status)
-    durations = sa.select(
-        _t.c.name, sa.func.coalesce(_t.c.started_at, _t.c.created_at), _t.c.finished_at
-    ).where(_t.c.status.in_(_FINAL), _t.c.finished_at.is_not(None))
+    finished: list[sa.ColumnElement[bool]] = [
+        _t.c.status.in_(_FINAL),
+        _t.c.finished_at.is_not(None),
+    ]
     if finished_after is not None:
-        durations = durations.where(_t.c.finished_at >= finished_after)
+        finished.append(_t.c.finished_at >= finished_after)
     oldest = sa.select(_t).where(_t.c.status.not_in(_FINAL)).order_by(_t.c.created_at).limit(1)
+    in_sql = journal.engine.dialect.name == "postgresql"
 
     def statements(conn: Connection) -> StatsRows:
         open_row = conn.execute(oldest).mappings().first()
+        overall, by_name = (_percentiles_in_sql if in_sql else _percentiles_here)(conn, finished)
         return StatsRows(
             counts=[(name, TxStatus(status), n) for name, status, n in conn.execute(counts)],
-            durations=[
-                (name, (end - start).total_seconds())
-                for name, start, end in conn.execute(durations)
-            ],
+            durations=overall,
+            durations_by_name=by_name,
             oldest_open=None if open_row is None else rows.tx_from_rows(dict(open_row), []),
         )
 
     return journal.run(statements, write=False)
+
+
+_ByName = dict[str | None, Durations]
+
+
+def _percentiles_here(conn: Connection, finished: list[Any]) -> tuple[Durations, _ByName]:
+    """Every duration read and ranked in Python: SQLite has no percentile function."""
+    start = sa.func.coalesce(_t.c.started_at, _t.c.created_at)
+    found = [
+        (name, (end - begun).total_seconds())
+        for name, begun, end in conn.execute(
+            sa.select(_t.c.name, start, _t.c.finished_at).where(*finished)
+        )
+    ]
+    by_name: dict[str | None, list[float]] = {}
+    for name, seconds in found:
+        by_name.setdefault(name, []).append(seconds)
+    return (
+        Durations.of(seconds for _, seconds in found),
+        {name: Durations.of(values) for name, values in by_name.items()},
+    )
+
+
+def _percentiles_in_sql(conn: Connection, finished: list[Any]) -> tuple[Durations, _ByName]:
+    """PostgreSQL ranks them itself (``percentile_disc`` is the nearest rank, as
+    ``Durations.of``): one row per name and one for all, however large the journal."""
+    seconds = sa.func.extract(
+        "epoch", _t.c.finished_at - sa.func.coalesce(_t.c.started_at, _t.c.created_at)
+    )
+    ranked = [sa.func.percentile_disc(p).within_group(seconds) for p in (0.5, 0.95, 0.99)]
+    statement = (
+        sa.select(
+            sa.func.grouping(_t.c.name), _t.c.name, sa.func.count(), *ranked, sa.func.max(seconds)
+        )
+        .where(*finished)
+        .group_by(sa.func.grouping_sets(sa.tuple_(_t.c.name), sa.tuple_()))
+    )
+    overall = Durations.of(())
+    by_name: _ByName = {}
+    for grouped, name, count, median, p95, p99, longest in conn.execute(statement):
+        if not count:  # the all-names row of an empty window
+            continue
+        found = Durations(
+            count=count,
+            median=float(median),
+            p95=float(p95),
+            p99=float(p99),
+            max=float(longest),
+        )
+        if grouped:  # the row of all names together
+            overall = found
+        else:
+            by_name[name] = found
+    return overall, by_name
 
 
 def purge(journal: Journal, *, finished_before: datetime) -> int:

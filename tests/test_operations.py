@@ -1,0 +1,108 @@
+"""The operators' coordinator calls beyond the CLI's: exact statistics, bad arguments."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from celery_tx import InvalidArgument, TransactionCoordinator, TxStatus
+from celery_tx.core import transitions as tr
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _finished(c: TransactionCoordinator, name: str, seconds: float, status: TxStatus) -> None:
+    """A transaction of one step whose commit took exactly ``seconds``."""
+    tx_id = c.begin_transaction(name=name)
+    c.register_participant(tx_id, "step", print, print)
+    end = T0 + timedelta(seconds=seconds)
+
+    def run(t):  # type: ignore[no-untyped-def]
+        t = tr.start_action(tr.start_commit(t, T0), 0, T0)
+        if status is TxStatus.COMMITTED:
+            return tr.finish_action(t, 0, None, end)
+        t = tr.fail_action(t, 0, "Boom", T0)
+        t = tr.start_compensation(t, 0, T0)
+        return tr.finish_compensation(t, 0, end)
+
+    journal = c._journal
+    assert journal.apply(journal.load(tx_id), run).status is status
+
+
+def test_stats_percentiles_are_nearest_rank_on_every_database(database_url: str):
+    with TransactionCoordinator(database_url) as c:
+        for seconds in range(1, 101):
+            _finished(c, "a", seconds, TxStatus.COMMITTED)
+        for seconds in range(1000, 1010):
+            _finished(c, "b", seconds, TxStatus.ROLLED_BACK)
+        c.begin_transaction(name=None)  # open, unnamed: counted, no duration
+        stats = c.transaction_stats()
+    assert stats.by_status[TxStatus.COMMITTED] == 100
+    assert stats.by_status[TxStatus.ROLLED_BACK] == 10
+    assert stats.by_status[TxStatus.PENDING] == 1
+    assert stats.by_name[None] == {TxStatus.PENDING: 1}
+    overall = stats.durations
+    assert (overall.count, overall.median, overall.p95, overall.p99, overall.max) == (
+        110,
+        55,
+        1004,
+        1008,
+        1009,
+    )
+    a = stats.durations_by_name["a"]
+    assert (a.count, a.median, a.p95, a.p99, a.max) == (100, 50, 95, 99, 100)
+    b = stats.durations_by_name["b"]
+    assert (b.count, b.median, b.max) == (10, 1004, 1009)
+    assert None not in stats.durations_by_name
+    assert stats.oldest_open is not None
+    assert stats.oldest_open.name is None
+
+
+def test_stats_of_an_empty_journal(database_url: str):
+    with TransactionCoordinator(database_url) as c:
+        stats = c.transaction_stats()
+    assert set(stats.by_status.values()) == {0}
+    assert stats.durations.count == 0
+    assert stats.durations.median is None
+    assert stats.oldest_open is None
+    assert stats.as_json()["durations"]["p99"] is None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.list_transactions(limit=0),
+        lambda c: c.list_transactions(limit=1001),
+        lambda c: c.list_transactions(limit=True),
+        lambda c: c.list_transactions(offset=-1),
+        lambda c: c.list_transactions(status="DONE"),
+        lambda c: c.list_transactions(status=["PENDING", 3]),
+        lambda c: c.list_transactions(name=5),
+        lambda c: c.list_transactions(older_than=-1),
+        lambda c: c.list_transactions(newer_than=float("nan")),
+        lambda c: c.list_transactions(older_than=1e12),
+        lambda c: c.transaction_stats(finished_within="1d"),
+        lambda c: c.purge_transactions(-5),
+        lambda c: c.purge_transactions(timedelta(days=-1)),
+        lambda c: c.abort_transaction(uuid.uuid4(), reason=3),
+    ],
+)
+def test_bad_arguments_are_refused_and_nothing_changes(tmp_path, call):
+    with TransactionCoordinator(f"sqlite:///{tmp_path / 'j.sqlite3'}") as c:
+        kept = c.begin_transaction(name="kept")
+        with pytest.raises(InvalidArgument):
+            call(c)
+        assert c.get_transaction(kept).status is TxStatus.PENDING
+        assert [t.id for t in c.list_transactions()] == [kept]
+
+
+def test_list_accepts_statuses_as_enums_or_text(tmp_path):
+    with TransactionCoordinator(f"sqlite:///{tmp_path / 'j.sqlite3'}") as c:
+        pending = c.begin_transaction()
+        c.commit_transaction(committed := c.begin_transaction())
+        assert [t.id for t in c.list_transactions(status=TxStatus.PENDING)] == [pending]
+        assert [t.id for t in c.list_transactions(status="committed")] == [committed]
+        both = c.list_transactions(status=("PENDING", TxStatus.COMMITTED))
+        assert {t.id for t in both} == {pending, committed}
