@@ -48,6 +48,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_STATE = 1, 2, 3, 4
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _BAR_WIDTH = 40
+_MAX_DURATION = 100 * 365 * 86400
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 only
@@ -60,11 +61,14 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click
             return value
         text = str(value).strip().lower()
         if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return timedelta(seconds=float(text))
+            text += "s"
         parts = _DURATION.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
             self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 1h30m", param, ctx)
-        return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+        if seconds > _MAX_DURATION:
+            self.fail(f"{value!r} is longer than 100 years", param, ctx)
+        return timedelta(seconds=seconds)
 
 
 def _fail(exc: CeleryTxError, code: int) -> click.exceptions.Exit:
@@ -89,11 +93,9 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 @contextmanager
 def _coordinator(ctx: click.Context, database_url: str | None) -> Iterator[TransactionCoordinator]:
     """The coordinator on the app's journal (or ``--database-url``), errors as exit codes."""
+    app = getattr(ctx.obj, "app", None)
     try:
-        if database_url:
-            coordinator = TransactionCoordinator(database_url)
-        else:
-            coordinator = TransactionCoordinator(app=getattr(ctx.obj, "app", None))
+        coordinator = TransactionCoordinator(database_url or None, app=app)
         with coordinator:
             yield coordinator
     except (InvalidTransactionId, InvalidArgument) as exc:
@@ -264,12 +266,19 @@ def _timeline_text(tx: Outcome, now: datetime) -> str:
 
 @tx.command()
 @click.argument("tx_id")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Resume a RUNNING/COMPENSATING one even if it is not stalled (may run a step twice).",
+)
 @_common
 @click.pass_context
-def retry(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool) -> None:
+def retry(
+    ctx: click.Context, tx_id: str, force: bool, database_url: str | None, as_json: bool
+) -> None:
     """Take up a FAILED or stalled (RUNNING, COMPENSATING) transaction again."""
     with _coordinator(ctx, database_url) as coordinator:
-        found = coordinator.retry_transaction(tx_id)
+        found = coordinator.retry_transaction(tx_id, force=force)
     _print_outcome(found, as_json, "retried")
 
 

@@ -414,7 +414,7 @@ class TransactionCoordinator(OperatorCalls):
         Celery transactions (with ``app``) are sent to the workers again.
         """
         if stalled_after is None:
-            stalled_after = _setting(self.app, "celery_tx_stalled_after", DEFAULT_STALLED_AFTER)
+            stalled_after = self._stalled_after()
         check_timeout(stalled_after, "stalled_after")
         return self._sweeper().recover(stalled_after, _check_limit(limit))
 
@@ -442,42 +442,8 @@ class TransactionCoordinator(OperatorCalls):
 
         threading.Thread(target=sweep_forever, name="celery-tx-sweeper", daemon=True).start()
 
-    def retry_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
-        """Take up a FAILED or stalled transaction again (an operator's call).
-
-        FAILED: its failed compensations run again, each with its whole retry
-        policy; use it once the cause is fixed (a bug in a compensation, a
-        service that was down). RUNNING or COMPENSATING: it is resumed from the
-        journal at once, as ``recover()`` would after the stall time: the
-        current action again and the rest, or the remaining compensations (a
-        step may run twice; participants use ``barrier()``). In-process steps
-        run here and the final snapshot is returned; Celery ones are sent and
-        the snapshot after sending is returned (poll ``get_transaction``).
-        Any other status raises ``TransactionStateError``.
-        """
-        tx = self._load(parse_tx_id(tx_id))
-        if tx.status in (TxStatus.RUNNING, TxStatus.COMPENSATING):
-            return self._resume(tx)
-        tx = self._journal.apply(tx, lambda t: tr.retry_failed(t, self._clock()), durable=True)
-        logger.warning("retrying the failed compensations", extra=tx_extra(tx.id))
-        if _is_celery(tx):
-            self._send_from(tx, None)
-            return tx
-        calls = [self._resolve(tx.id, step) for step in tx.steps]
-        return self._runner.run_compensations(tx, calls)
-
-    def _resume(self, tx: Outcome) -> Outcome:
-        sweeper = self._sweeper()
-        if not sweeper.can_run(tx):
-            raise ParticipantNotResolvable(
-                f"transaction {tx.id} has Celery task participants: retry it with "
-                "TransactionCoordinator(app=...) (celery -A proj tx retry)"
-            )
-        report = SweepReport()
-        sweeper.resume(tx, report)
-        if report.failed:
-            logger.error("could not resume: %s", report.failed[0][1], extra=tx_extra(tx.id))
-        return self._load(tx.id)
+    def _stalled_after(self) -> float:
+        return _setting(self.app, "celery_tx_stalled_after", DEFAULT_STALLED_AFTER)
 
     def _sweeper(self, drivers: tuple[str, ...] = (LOCAL, CELERY)) -> Sweeper:
         send = self._send_from if self.app is not None else None

@@ -4,7 +4,8 @@ When ``prometheus_client`` is importable, ``import celery_tx`` registers these
 on its default registry and counts every journal write this process makes:
 
 - ``celery_tx_transactions_total{name,status}``: transactions that ended
-  COMMITTED, ROLLED_BACK or FAILED;
+  COMMITTED, ROLLED_BACK or FAILED (a FAILED one retried by an operator
+  ends, and counts, again);
 - ``celery_tx_commits_total{name}``: commits started;
 - ``celery_tx_step_duration_seconds{name,step,phase}``: how long each action and
   compensation ran (a histogram; ``phase`` is ``action`` or ``compensation``);
@@ -42,6 +43,7 @@ from celery_tx.core.errors import CeleryTxError
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.store import journal as journal_module
+from celery_tx.store import queries
 
 if TYPE_CHECKING:
     from celery_tx.coordinator import TransactionCoordinator
@@ -194,7 +196,9 @@ class JournalCollector:
     the process that serves ``/metrics``):
 
     - ``celery_tx_open_transactions{name,status}``: transactions not final yet;
-    - ``celery_tx_oldest_open_transaction_seconds``: the age of the oldest of them.
+    - ``celery_tx_oldest_open_transaction_seconds``: the age of the oldest of them;
+    - ``celery_tx_journal_up``: 1, or 0 when the journal did not answer (then
+      the other two are left out rather than failing the whole scrape).
     """
 
     def __init__(self, coordinator: TransactionCoordinator) -> None:
@@ -202,19 +206,28 @@ class JournalCollector:
 
     def collect(self) -> Iterator[Any]:
         """What Prometheus's registry calls at each scrape."""
-        stats = self.coordinator.transaction_stats()
+        up = GaugeMetricFamily(
+            "celery_tx_journal_up", "1 when the journal answered this scrape, else 0."
+        )
+        try:
+            found = queries.open_transactions(self.coordinator._journal)
+        except CeleryTxError:
+            logger.warning("the journal did not answer the metrics scrape", exc_info=True)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         open_ = GaugeMetricFamily(
             "celery_tx_open_transactions",
             "Transactions not final yet, by name and status.",
             labels=["name", "status"],
         )
-        for name, counts in stats.by_name.items():
-            for status, count in counts.items():
-                if not status.is_final:
-                    open_.add_metric([name or "", status.value], count)
+        for name, status, count in found.counts:
+            open_.add_metric([name or "", status.value], count)
         yield open_
-        oldest = stats.oldest_open
-        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest.created_at).total_seconds()
+        oldest = found.oldest_created_at
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         yield GaugeMetricFamily(
             "celery_tx_oldest_open_transaction_seconds",
             "Age of the oldest transaction not final yet (0 when there is none).",

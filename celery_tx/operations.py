@@ -7,6 +7,7 @@ these are what ``celery tx`` and the web page call.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -14,11 +15,18 @@ from typing import Any
 
 from celery_tx.core import stats as tx_stats
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import InvalidArgument, ParticipantNotResolvable, TransactionStateError
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.errors import (
+    InvalidArgument,
+    InvalidParticipant,
+    ParticipantNotResolvable,
+    TransactionStateError,
+)
+from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver import messages
 from celery_tx.handles import check_timeout
 from celery_tx.ids import parse_tx_id
+from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
 from celery_tx.recovery import Sweeper, SweepReport, in_process
 from celery_tx.store import Journal, queries
@@ -36,12 +44,99 @@ class OperatorCalls:
     app: Any
     _journal: Journal
     _clock: Callable[[], datetime]
+    _runner: LocalRunner
 
     def _sweeper(self) -> Sweeper:
         raise NotImplementedError
 
     def _load(self, tx_id: uuid.UUID) -> Outcome:
         raise NotImplementedError
+
+    def _resolve(self, tx_id: uuid.UUID, step: StepOutcome) -> LocalCall:
+        raise NotImplementedError
+
+    def _send_from(self, tx: Outcome, position: int | None) -> None:
+        raise NotImplementedError
+
+    def _stalled_after(self) -> float:
+        raise NotImplementedError
+
+    def _ready_to_run(self, tx: Outcome) -> list[LocalCall] | None:
+        """Check, before anything is journaled, that this process can carry out
+        what an operator's call starts: the in-process callables (returned), or
+        an app whose participant tasks are imported. Raises
+        ``ParticipantNotResolvable`` otherwise."""
+        if in_process(tx):
+            return [self._resolve(tx.id, step) for step in tx.steps]
+        if self.app is None:
+            raise ParticipantNotResolvable(
+                f"transaction {tx.id} has Celery task participants: this needs "
+                "TransactionCoordinator(app=...) (celery -A proj tx ...)"
+            )
+        messages.import_participants(self.app)
+        for step in tx.steps:  # a task this process does not know would be refused later
+            for phase in ("action", "compensation"):
+                try:
+                    messages.build_signature(self.app, tx, step.position, phase)
+                except InvalidParticipant as exc:
+                    raise ParticipantNotResolvable(
+                        f"{exc}: run this with the app whose workers run it (celery -A proj tx)"
+                    ) from exc
+        return None
+
+    def retry_transaction(self, tx_id: uuid.UUID | str, *, force: bool = False) -> Outcome:
+        """Take up a FAILED or stalled transaction again (an operator's call).
+
+        FAILED: its failed compensations run again, each with its whole retry
+        policy; use it once the cause is fixed (a bug in a compensation, a
+        service that was down). RUNNING or COMPENSATING and stalled (no journal
+        write for the stall time, as ``recover()`` judges): resumed from the
+        journal at once, the current action again and the rest, or the
+        remaining compensations (a step may run twice; participants use
+        ``barrier()``). One still making progress raises
+        ``TransactionStateError``, unless ``force``: resuming a live one runs
+        its current step twice at once. In-process steps run here and the final
+        snapshot is returned; Celery ones are sent and the snapshot after
+        sending is returned (poll ``get_transaction``). Any other status raises
+        ``TransactionStateError``; a process that cannot run the participants
+        (no app, callables it cannot import) raises ``ParticipantNotResolvable``
+        before anything changes.
+        """
+        tx = self._load(parse_tx_id(tx_id))
+        if tx.status in (TxStatus.RUNNING, TxStatus.COMPENSATING):
+            return self._resume(tx, force)
+        tr.retry_failed(tx, self._clock())  # refuses any other status, before the checks
+        calls = self._ready_to_run(tx)
+        tx = self._journal.apply(tx, lambda t: tr.retry_failed(t, self._clock()), durable=True)
+        logger.warning("retrying the failed compensations", extra=tx_extra(tx.id))
+        if calls is None:
+            self._send_from(tx, None)
+            return tx
+        return self._runner.run_compensations(tx, calls)
+
+    def _resume(self, tx: Outcome, force: bool) -> Outcome:
+        self._ready_to_run(tx)
+        if not force:
+            self._require_stalled(tx)
+        report = SweepReport()
+        # On the very version read: a worker's write since then refuses it.
+        self._sweeper().resume(tx, report)
+        if report.failed:  # resolved above; only a race could get here
+            raise ParticipantNotResolvable(report.failed[0][1])
+        return self._load(tx.id)
+
+    def _require_stalled(self, tx: Outcome) -> None:
+        last = queries.last_write(self._journal, tx.id)
+        stalled_after = self._stalled_after()
+        quiet = (self._clock() - last).total_seconds() if last is not None else math.inf
+        if quiet < stalled_after:
+            raise TransactionStateError(
+                f"transaction {tx.id} is {tx.status} and still making progress: its journal "
+                f"changed {quiet:.0f} s ago (stalled after {stalled_after:g} s); retry it once "
+                "it stalls, or force it (celery tx retry --force), which may run a step twice "
+                "at once",
+                status=tx.status,
+            )
 
     def list_transactions(
         self,
@@ -119,12 +214,8 @@ class OperatorCalls:
         tx_id = parse_tx_id(tx_id)
         reason = _optional_text("reason", reason) or "aborted by an operator"
         tx = self._load(tx_id)
-        sweeper = self._sweeper()
-        if not sweeper.can_run(tx):
-            raise ParticipantNotResolvable(
-                f"transaction {tx.id} has Celery task participants: abort it with "
-                "TransactionCoordinator(app=...) (celery -A proj tx abort)"
-            )
+        if tx.status is TxStatus.RUNNING:
+            self._ready_to_run(tx)  # its compensations must be runnable from here
         # Set by the write that wins: after a lost race apply() runs abort() again
         # on the winner's state, and only a rollback this call made is its to carry out.
         made: list[TxStatus] = []
@@ -148,7 +239,7 @@ class OperatorCalls:
         if made:
             logger.warning("aborted: %s", reason, extra=tx_extra(tx.id))
         if made == [TxStatus.RUNNING] and tx.status is TxStatus.COMPENSATING:
-            sweeper.compensate(tx, SweepReport())
+            self._sweeper().compensate(tx, SweepReport())
             if in_process(tx):  # compensated here: the final state
                 tx = self._load(tx.id)
         return tx
@@ -185,4 +276,6 @@ def _count(what: str, value: object, low: int, high: int | None) -> int:
 def _optional_text(what: str, value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string, got {value!r}")
+    if value is not None and "\x00" in value:  # PostgreSQL refuses NUL in text
+        raise InvalidArgument(f"{what} must not contain NUL characters, got {value!r}")
     return value

@@ -261,7 +261,8 @@ def test_an_operator_aborts_a_running_transaction(stack: Stack, sender, tmp_path
 
 
 def test_an_operator_retries_a_stalled_transaction(stack: Stack, sender, tmp_path: Path):
-    """`celery tx retry` resumes at once what the sweeps would only after the stall time."""
+    """`celery tx retry --force` resumes at once what the sweeps would only after the
+    stall time (the operator knows its message was lost)."""
     app, coordinator = sender
     path = tmp_path / "effects.txt"
     tx_id = coordinator.begin_transaction(name="lost")
@@ -273,7 +274,11 @@ def test_an_operator_retries_a_stalled_transaction(stack: Stack, sender, tmp_pat
     try:
         time.sleep(1)  # the worker's own sweep leaves it alone: not stalled for 600 s
         assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING
-        retried = _operator(stack, "retry", str(tx_id), "--json")
+        # Not stalled by the app's stall time (300 s) yet: refused, unless forced.
+        refused = _operator(stack, "retry", str(tx_id))
+        assert refused.returncode == 4, refused.stderr
+        assert "still making progress" in refused.stderr
+        retried = _operator(stack, "retry", str(tx_id), "--force", "--json")
         assert retried.returncode == 0, retried.stderr
         outcome = _wait_final(coordinator, tx_id)
     finally:

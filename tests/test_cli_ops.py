@@ -14,16 +14,18 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from celery_tx import RetryPolicy, TransactionCoordinator, TxStatus
 from celery_tx.cli import tx
 from celery_tx.core import transitions as tr
+from celery_tx.store.schema import transactions
 from tests.participants import append_line, append_unless_flagged, fail_with
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +238,32 @@ def test_retry_a_failed_transaction_once_the_bug_is_fixed(journal: Journal):
     assert journal.effects.read_text() == "failed.charge undone\n"
 
 
+def _stall(journal: Journal, *statuses: TxStatus) -> None:
+    """What a stall looks like: no journal write for an hour."""
+    engine = sa.create_engine(journal.url)
+    with engine.begin() as conn:
+        for status in statuses:
+            conn.execute(
+                sa.update(transactions)
+                .where(transactions.c.id == journal.ids[status])
+                .values(updated_at=datetime.now(UTC) - timedelta(hours=1))
+            )
+    engine.dispose()
+
+
+def test_retry_refuses_a_transaction_still_making_progress_unless_forced(journal: Journal):
+    running = str(journal.ids[TxStatus.RUNNING])
+    refused = journal.run("retry", running)
+    assert refused.exit_code == 4, refused.output
+    assert "still making progress" in refused.stderr
+    assert journal.status(journal.ids[TxStatus.RUNNING]) is TxStatus.RUNNING
+    assert journal.effects.read_text() == ""
+    forced = journal.json("retry", running, "--force")
+    assert forced["status"] == "COMMITTED"
+
+
 def test_retry_resumes_stalled_transactions(journal: Journal):
+    _stall(journal, TxStatus.RUNNING, TxStatus.COMPENSATING)
     running = journal.json("retry", str(journal.ids[TxStatus.RUNNING]))
     assert running["status"] == "COMMITTED"
     compensating = journal.json("retry", str(journal.ids[TxStatus.COMPENSATING]))

@@ -384,9 +384,9 @@ class TransactionMachine(RuleBasedStateMachine):
                 StepStatus.COMPENSATED,
                 StepStatus.COMPENSATION_FAILED,
             ):
-                # 0 only when due again after an operator's retry (it ran before).
-                retried = step.compensation_finished_at is not None
-                assert step.compensation_attempts > 0 or retried
+                # 0 only when due again after an operator's retry, not started yet.
+                due_again = step.status is StepStatus.COMPENSATING
+                assert step.compensation_attempts > 0 or due_again
                 assert step.compensation_started_at is not None
 
     @invariant()

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from celery_tx import InvalidArgument, TransactionCoordinator, TxStatus
+from celery_tx import InvalidArgument, ParticipantNotResolvable, TransactionCoordinator, TxStatus
 from celery_tx.core import transitions as tr
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -106,3 +106,49 @@ def test_list_accepts_statuses_as_enums_or_text(tmp_path):
         assert [t.id for t in c.list_transactions(status="committed")] == [committed]
         both = c.list_transactions(status=("PENDING", TxStatus.COMMITTED))
         assert {t.id for t in both} == {pending, committed}
+
+
+def _running(c: TransactionCoordinator, tx_id: uuid.UUID) -> None:
+    """Left RUNNING at its first step, as by a process that died."""
+    now = datetime.now(UTC)
+    journal = c._journal
+    journal.apply(journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+
+
+def test_what_another_process_cannot_run_is_refused_before_anything_changes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    with TransactionCoordinator(url) as owner, TransactionCoordinator(url) as operator:
+        tx_id = owner.begin_transaction()
+        owner.register_participant(
+            tx_id, "a", lambda: None, lambda: None
+        )  # only the owner has them
+        _running(owner, tx_id)
+        before = operator.get_transaction(tx_id)
+        with pytest.raises(ParticipantNotResolvable):
+            operator.abort_transaction(tx_id)
+        with pytest.raises(ParticipantNotResolvable):
+            operator.retry_transaction(tx_id, force=True)
+        assert operator.get_transaction(tx_id) == before
+
+
+def test_celery_transactions_need_the_app_except_to_abort_a_pending_one(tmp_path):
+    from celery import Celery
+
+    from tests.apps import tasks
+
+    url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    app = Celery("ops", broker="memory://")
+    with TransactionCoordinator(url, app=app) as client, TransactionCoordinator(url) as no_app:
+        running = client.begin_transaction()
+        client.register_participant(running, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+        _running(client, running)
+        before = no_app.get_transaction(running)
+        with pytest.raises(ParticipantNotResolvable):
+            no_app.abort_transaction(running)
+        with pytest.raises(ParticipantNotResolvable):
+            no_app.retry_transaction(running, force=True)
+        assert no_app.get_transaction(running) == before
+
+        pending = client.begin_transaction()
+        client.register_participant(pending, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+        assert no_app.abort_transaction(pending).status is TxStatus.ROLLED_BACK  # nothing to send

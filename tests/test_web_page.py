@@ -168,7 +168,7 @@ def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site
     assert len(browser.find_elements(By.CSS_SELECTOR, "#timeline rect.bar")) == 1
     browser.execute_script("window.loadedOnce = true;")  # gone if the page reloads
 
-    assert coordinator.retry_transaction(tx_id).status is TxStatus.COMMITTED  # it finishes
+    assert coordinator.retry_transaction(tx_id, force=True).status is TxStatus.COMMITTED
     WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "COMMITTED")
     assert browser.execute_script("return window.loadedOnce === true;")
     results = [
@@ -190,6 +190,9 @@ def test_bad_addresses_get_clear_errors(site):
         ("/00000000-0000-0000-0000-000000000000", 404),
         ("/?status=DONE", 400),
         ("/?page=0", 400),
+        ("/?page=%C2%B2", 400),  # a digit to str.isdigit(), not to int()
+        ("/?page=99999999999999999999", 400),
+        ("/?name=a%00b", 400),
         ("/api/transactions/00000000-0000-0000-0000-000000000000", 404),
     ):
         with pytest.raises(urllib.error.HTTPError) as caught:
@@ -197,3 +200,22 @@ def test_bad_addresses_get_clear_errors(site):
         assert caught.value.code == code, path
     with urllib.request.urlopen(url + "/api/transactions", timeout=10) as response:
         assert response.status == 200
+
+
+def test_the_list_refreshes_and_keeps_what_is_typed_in_the_filters(browser: Any, site):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, coordinator = site
+    first = coordinator.begin_transaction(name="first")
+    browser.get(url + "/")
+    field = browser.find_element(By.NAME, "name")
+    field.send_keys("half-typ")
+    second = coordinator.begin_transaction(name="second")  # appears without a reload
+
+    def ids(b: Any) -> list[str]:
+        rows = b.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
+        return [r.get_attribute("data-id") for r in rows]
+
+    WebDriverWait(browser, 20).until(lambda b: ids(b) == [str(second), str(first)])
+    assert browser.find_element(By.NAME, "name").get_attribute("value") == "half-typ"

@@ -288,8 +288,16 @@ def retry_failed(tx: Outcome, now: datetime) -> Outcome:
     tx = _move(tx, T.COMPENSATING, finished_at=None)
     for step in tx.steps:
         if step.status is S.COMPENSATION_FAILED:
-            # A fresh count: the compensation gets its whole retry policy again.
-            tx = _move_step(tx, step.position, S.COMPENSATING, compensation_attempts=0)
+            # Due again from now, with a fresh count: the compensation gets its
+            # whole retry policy again, and its span starts anew.
+            tx = _move_step(
+                tx,
+                step.position,
+                S.COMPENSATING,
+                compensation_attempts=0,
+                compensation_started_at=now,
+                compensation_finished_at=None,
+            )
     return tx
 
 

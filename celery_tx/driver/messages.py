@@ -159,10 +159,18 @@ def _lookup(app: Any, name: str, role: registry.Role) -> registry.ParticipantSpe
     compensation and end the transaction FAILED.
     """
     spec = registry.lookup(name, role)
-    if spec is None and app is not None and hasattr(app, "loader"):
-        app.loader.import_default_modules()  # what `celery worker` does at start
+    if spec is None and app is not None:
+        import_participants(app)
         spec = registry.lookup(name, role)
     return spec
+
+
+def import_participants(app: Any) -> None:
+    """Import the app's task modules (``include``, ``imports``, autodiscovered), as
+    ``celery worker`` does when it starts: so does a process about to send a
+    transaction's tasks, before it journals anything."""
+    if hasattr(app, "loader"):
+        app.loader.import_default_modules()
 
 
 def pop_step_message(kwargs: dict[str, Any]) -> StepMessage | None:

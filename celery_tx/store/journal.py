@@ -462,6 +462,7 @@ class Journal:
                 continue  # if it landed, this retry's compare-and-set fails and we reload
             fresh = self._reload(tx, deadline)
             if fresh.version == tx.version + 1 and fresh in maybe_landed:
+                _tell_observers(tx, fresh)  # it landed: counted like any other write
                 return fresh  # our own write after all
             maybe_landed.clear()
             tx = fresh

@@ -163,6 +163,48 @@ def _percentiles_in_sql(conn: Connection, finished: list[Any]) -> tuple[Duration
     return overall, by_name
 
 
+def last_write(journal: Journal, tx_id: uuid.UUID) -> datetime | None:
+    """When the transaction's journal row last changed (its creation for a writer
+    older than schema 2); None when there is no such transaction."""
+    statement = sa.select(sa.func.coalesce(_t.c.updated_at, _t.c.created_at)).where(
+        _t.c.id == tx_id
+    )
+
+    def statements(conn: Connection) -> datetime | None:
+        found: datetime | None = conn.execute(statement).scalar()
+        return found
+
+    return journal.run(statements, write=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenTransactions:
+    """The transactions not final yet: counts, and when the oldest was begun."""
+
+    counts: list[tuple[str | None, TxStatus, int]]
+    oldest_created_at: datetime | None
+
+
+def open_transactions(journal: Journal) -> OpenTransactions:
+    """Counts by name and status of the open transactions (an index scan, cheap
+    enough for every Prometheus scrape), and the oldest one's creation time."""
+    is_open = _t.c.status.not_in(_FINAL)
+    counts = (
+        sa.select(_t.c.name, _t.c.status, sa.func.count())
+        .where(is_open)
+        .group_by(_t.c.name, _t.c.status)
+    )
+    oldest = sa.select(sa.func.min(_t.c.created_at)).where(is_open)
+
+    def statements(conn: Connection) -> OpenTransactions:
+        return OpenTransactions(
+            counts=[(name, TxStatus(status), n) for name, status, n in conn.execute(counts)],
+            oldest_created_at=conn.execute(oldest).scalar(),
+        )
+
+    return journal.run(statements, write=False)
+
+
 def purge(journal: Journal, *, finished_before: datetime) -> int:
     """Delete final transactions that finished before ``finished_before``; how many.
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from celery_tx.coordinator import TransactionCoordinator
 
 PAGE_SIZE = 50
+MAX_PAGE = 100_000
 
 
 class WebUnavailable(CeleryTxError, ImportError):
@@ -62,13 +63,16 @@ def transactions_blueprint(
         if status is not None and status.upper() not in TxStatus.__members__:
             abort(400, f"unknown status {status!r}")
         page = request.args.get("page", "1")
-        if not page.isdigit() or int(page) < 1:
-            abort(400, "page must be a positive integer")
+        if not (page.isascii() and page.isdigit()) or not 1 <= int(page) <= MAX_PAGE:
+            abort(400, f"page must be a whole number from 1 to {MAX_PAGE}")
         name = request.args.get("name") or None
         number = int(page)
-        found = coordinator.list_transactions(
-            status=status, name=name, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE
-        )
+        try:
+            found = coordinator.list_transactions(
+                status=status, name=name, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE
+            )
+        except InvalidArgument as exc:
+            abort(400, str(exc))
         return found, {"status": status, "name": name, "page": number}
 
     def load(tx_id: str) -> Any:
