@@ -122,10 +122,12 @@ def forced(tx_status: TxStatus, step_status: StepStatus) -> Outcome:
     status the function requires, so only the step's status can refuse the call.
     """
     tx = with_steps("a")
+    # A compensation in progress has been started (else finishing it is refused).
+    attempts = 1 if step_status is StepStatus.COMPENSATING else 0
     return replace(
         tx,
         status=tx_status,
-        steps=(replace(tx.steps[0], status=step_status),),
+        steps=(replace(tx.steps[0], status=step_status, compensation_attempts=attempts),),
     )
 
 
@@ -896,3 +898,17 @@ def test_advance_finishes_one_action_and_starts_the_next_or_commits() -> None:
     tx = tr.advance(tx, 1, None, NOW)
     assert tx.status is TxStatus.COMMITTED
     assert tx.finished_at == NOW
+
+
+def test_a_retried_compensation_must_start_before_it_ends() -> None:
+    """After an operator's retry the step is due, not started: ending it first is refused."""
+    tx = tr.retry_failed(failed_tx(), LATER)
+    for end in (
+        lambda t: tr.finish_compensation(t, 0, LATER),
+        lambda t: tr.fail_compensation(t, 0, "again", LATER),
+    ):
+        error = assert_refused(end, tx)
+        assert "has not started again" in str(error)
+    started = tr.start_compensation(tx, 1, LATER)
+    assert started.steps[1].compensation_started_at == LATER
+    assert started.steps[1].compensation_finished_at is None

@@ -207,6 +207,7 @@ def start_compensation(tx: Outcome, position: int, now: datetime) -> Outcome:
 def finish_compensation(tx: Outcome, position: int, now: datetime) -> Outcome:
     """Mark a step as compensated; the last compensation ends the transaction."""
     _require(tx, T.COMPENSATING, "finish a compensation")
+    _require_compensation_started(tx, position)
     tx = _move_step(tx, position, S.COMPENSATED, compensation_finished_at=now)
     return _finish_rollback_if_done(tx, now)
 
@@ -214,10 +215,23 @@ def finish_compensation(tx: Outcome, position: int, now: datetime) -> Outcome:
 def fail_compensation(tx: Outcome, position: int, error: str, now: datetime) -> Outcome:
     """Record that a compensation gave up; the others still run."""
     _require(tx, T.COMPENSATING, "fail a compensation")
+    _require_compensation_started(tx, position)
     tx = _move_step(
         tx, position, S.COMPENSATION_FAILED, compensation_error=error, compensation_finished_at=now
     )
     return _finish_rollback_if_done(tx, now)
+
+
+def _require_compensation_started(tx: Outcome, position: int) -> None:
+    """A compensation ends only after it started: after an operator's retry the
+    step is COMPENSATING again but not started (0 attempts) until a driver starts it."""
+    step = tx.steps[position]
+    if step.status is S.COMPENSATING and step.compensation_attempts == 0:
+        raise TransactionStateError(
+            f"the compensation of {step.name!r} of transaction {tx.id} has not started again "
+            "since the retry",
+            status=tx.status,
+        )
 
 
 def _finish_rollback_if_done(tx: Outcome, now: datetime) -> Outcome:
