@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -152,3 +153,37 @@ def test_celery_transactions_need_the_app_except_to_abort_a_pending_one(tmp_path
         pending = client.begin_transaction()
         client.register_participant(pending, "a", tasks.step.s(str(tmp_path / "e"), "a"))
         assert no_app.abort_transaction(pending).status is TxStatus.ROLLED_BACK  # nothing to send
+
+
+def test_transaction_finished_is_sent_once_by_the_process_whose_write_ended_it(tmp_path):
+    """An operator's abort and a sweep end Celery transactions too: the signal comes
+    from them (once each); in-process transactions send none."""
+    from celery import Celery
+
+    from celery_tx import transaction_finished
+    from tests.apps import tasks
+
+    received: list[tuple[str | None, TxStatus]] = []
+
+    def on_finished(sender, outcome, **kwargs):  # type: ignore[no-untyped-def]
+        received.append((sender, outcome.status))
+
+    transaction_finished.connect(on_finished)
+    url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    app = Celery("signals", broker="memory://")
+    try:
+        with TransactionCoordinator(url, app=app) as c:
+            aborted = c.begin_transaction(name="aborted")
+            c.register_participant(aborted, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+            c.abort_transaction(aborted)
+            c.abort_transaction(aborted)  # already rolled back: no second signal
+            late = c.begin_transaction(name="late", timeout=0.001)
+            c.register_participant(late, "a", tasks.step.s(str(tmp_path / "e"), "a"))
+            time.sleep(0.01)
+            assert c.reap().rolled_back == [late]
+            local = c.begin_transaction(name="local")
+            c.register_participant(local, "a", print, print)
+            c.commit_transaction(local)
+    finally:
+        transaction_finished.disconnect(on_finished)
+    assert received == [("aborted", TxStatus.ROLLED_BACK), ("late", TxStatus.ROLLED_BACK)]

@@ -25,7 +25,6 @@ from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error
 from celery_tx.driver import binding, messages
-from celery_tx.driver.signals import announce_if_final
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
@@ -68,7 +67,6 @@ def send_compensations(app: Any, journal: Journal, tx: Outcome) -> Outcome:
             tx = journal.apply(tx, _refuse_compensation(position, str(exc)))
     if signatures:
         chain(*signatures, app=app).apply_async()
-    announce_if_final(tx)  # every compensation refused: it ended here
     return tx
 
 
@@ -132,5 +130,3 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
     )
     if tx.status is TxStatus.COMPENSATING:
         send_compensations(app, journal, tx)
-    else:
-        announce_if_final(tx)  # nothing had to be undone

@@ -34,7 +34,6 @@ from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
 from celery_tx.driver import binding, dispatch
 from celery_tx.driver.messages import StepMessage
-from celery_tx.driver.signals import announce_if_final
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
@@ -117,7 +116,6 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
     tx = _apply_or_too_late(journal, tx, position, "action", _advance(position, recordable(result)))
     if tx.status is TxStatus.COMMITTED:
         logger.info("transaction committed", extra=tx_extra(tx.id))
-        announce_if_final(tx)
     return result
 
 
@@ -136,8 +134,6 @@ def _abort_past_deadline(task: Any, journal: Journal, tx: Outcome, position: int
     logger.warning("rolling back: %s", error, extra=tx_extra(tx.id, running))
     if tx.status is TxStatus.COMPENSATING:
         dispatch.send_compensations(task.app, journal, tx)
-    else:
-        announce_if_final(tx)
     raise Ignore()
 
 
@@ -211,7 +207,6 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
     if tx.is_final:
         level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
         logger.log(level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id))
-        announce_if_final(tx)
 
 
 def _position(tx: Outcome, message: StepMessage) -> int:
