@@ -178,13 +178,12 @@ def list_command(
 
 
 def _list_row(tx: Outcome, now: datetime) -> list[str]:
-    done = sum(1 for s in tx.steps if s.finished_at is not None and s.error is None)
     error = (tx.error or "").replace("\n", " ")
     return [
         str(tx.id),
         tx.name or "-",
         str(tx.status),
-        f"{done}/{len(tx.steps)}",
+        f"{present.steps_done(tx)}/{len(tx.steps)}",
         _when(tx.created_at),
         present.seconds_text(present.duration(tx, now)),
         error if len(error) <= 60 else error[:57] + "...",

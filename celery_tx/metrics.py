@@ -161,10 +161,10 @@ _SWEEP_LISTENERS: list[Callable[[str, int], None]] = []
 
 def record_sweep(resumed: int, rolled_back: int, abandoned: int) -> None:
     """Called by the sweeps (``celery_tx.recovery``) with what they just did."""
+    done = (("resumed", resumed), ("rolled_back", rolled_back), ("abandoned", abandoned))
     for listener in list(_SWEEP_LISTENERS):
-        for kind, count in (("resumed", resumed), ("rolled_back", rolled_back)):
+        for kind, count in done:
             listener(kind, count)
-        listener("abandoned", abandoned)
 
 
 def install_metrics(registry: Any = None) -> TransactionMetrics:

@@ -214,8 +214,6 @@ class OperatorCalls:
         tx_id = parse_tx_id(tx_id)
         reason = _optional_text("reason", reason) or "aborted by an operator"
         tx = self._load(tx_id)
-        if tx.status is TxStatus.RUNNING:
-            self._ready_to_run(tx)  # its compensations must be runnable from here
         # Set by the write that wins: after a lost race apply() runs abort() again
         # on the winner's state, and only a rollback this call made is its to carry out.
         made: list[TxStatus] = []
@@ -232,6 +230,9 @@ class OperatorCalls:
                     f"cannot abort transaction {current.id}: it is {current.status}",
                     status=current.status,
                 )
+            # Checked on the state written, not the one first read: a PENDING one
+            # committed meanwhile must have compensations this process can run.
+            self._ready_to_run(current)
             running = next((s.name for s in current.steps if s.status is StepStatus.RUNNING), None)
             return tr.begin_compensation(current, self._clock(), failed_step=running, error=reason)
 

@@ -27,13 +27,18 @@ def outcome_json(tx: Outcome, now: datetime, *, with_steps: bool = True) -> dict
         "finished_at": _iso(tx.finished_at),
         "deadline": _iso(tx.deadline),
         "duration": duration(tx, now),
-        "steps_done": sum(1 for s in tx.steps if s.finished_at is not None and s.error is None),
+        "steps_done": steps_done(tx),
         "steps_total": len(tx.steps),
     }
     if with_steps:
         data["steps"] = [step_json(step) for step in tx.steps]
         data["timeline"] = [span_json(span, tx, now) for span in timeline(tx)]
     return data
+
+
+def steps_done(tx: Outcome) -> int:
+    """How many of its actions ended without an error."""
+    return sum(1 for s in tx.steps if s.finished_at is not None and s.error is None)
 
 
 def step_json(step: StepOutcome) -> dict[str, Any]:
