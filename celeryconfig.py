@@ -30,7 +30,7 @@ celery_tx_database_url = os.environ.get("CELERY_TX_DATABASE_URL") or (
     f"sqlite:///{_data_dir / 'journal.sqlite3'}"
 )
 
-# The sweeps every worker runs (celery_tx/sweeping.py).
+# The sweeps every worker runs (celery_tx/drivers/celery_tasks/sweeping.py).
 celery_tx_sweep_interval = float(os.environ.get("CELERY_TX_SWEEP_INTERVAL") or 30)
 celery_tx_stalled_after = float(os.environ.get("CELERY_TX_STALLED_AFTER") or 300)
 celery_tx_default_timeout = (
@@ -41,8 +41,8 @@ celery_tx_default_timeout = (
 
 if broker_url.startswith("filesystem://"):
     # kombu's filesystem transport, with writes atomic and reads exclusive: its
-    # own can hand a consumer a half-written message (celery_tx/driver/filesystem.py).
-    broker_transport = "celery_tx.driver.filesystem:Transport"
+    # own can hand a consumer a half-written message (celery_tx/drivers/celery_tasks/filesystem.py).
+    broker_transport = "celery_tx.drivers.celery_tasks.filesystem:Transport"
     _queue, _processed, _control = (
         _data_dir / "broker" / d for d in ("queue", "processed", "control")
     )

@@ -1,6 +1,8 @@
 """celery-tx: distributed transactions (sagas) for Celery, journaled in SQL.
 
-The whole public API is importable from here.
+The whole public API is importable from here. Importing it only defines
+things: metrics, observers and worker hooks are installed by the first
+``TransactionCoordinator`` and by the Celery apps participants are bound to.
 """
 
 from celery_tx.context import StepContext, current_step
@@ -25,18 +27,16 @@ from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.stats import Durations, TransactionStats
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.timeline import Span, timeline
-from celery_tx.driver.signals import transaction_finished
-from celery_tx.driver.task import ParticipantTask, participant
+from celery_tx.drivers.celery_tasks.signals import transaction_finished
+from celery_tx.drivers.celery_tasks.sweeping import sweep_once
+from celery_tx.drivers.celery_tasks.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
-from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_default, install_metrics
-from celery_tx.recovery import SweepReport
+from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_metrics
 from celery_tx.step_barrier import barrier
-from celery_tx.sweeping import sweep_once  # also connects every worker's sweeps
+from celery_tx.sweeps import SweepReport
 from celery_tx.web import WebUnavailable, transactions_blueprint
 
 __version__ = "0.1.0"
-
-install_default()  # Prometheus metrics, when prometheus-client is installed
 
 __all__ = [
     # the coordinator

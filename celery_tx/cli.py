@@ -25,12 +25,13 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
 from celery_tx import present
+from celery_tx.arguments import MAX_PAGE_SIZE
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.errors import (
     CeleryTxError,
@@ -41,13 +42,11 @@ from celery_tx.core.errors import (
 )
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
-from celery_tx.core.timeline import timeline
-from celery_tx.recovery import SweepReport
+from celery_tx.sweeps import SweepReport
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_STATE = 1, 2, 3, 4
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_BAR_WIDTH = 40
 _MAX_DURATION = 100 * 365 * 86400
 
 
@@ -112,14 +111,6 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
 # -- list and show -------------------------------------------------------------
 
 
@@ -134,7 +125,7 @@ def _when(moment: datetime | None) -> str:
 @click.option("--name", help="Only transactions begun with this name.")
 @click.option("--older-than", type=Duration(), help="Created longer ago than this (e.g. 1h).")
 @click.option("--newer-than", type=Duration(), help="Created within this (e.g. 15m).")
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE_SIZE), default=50, show_default=True)
 @click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
 @_common
 @click.pass_context
@@ -160,7 +151,7 @@ def list_command(
             limit=limit,
             offset=(page - 1) * limit,
         )
-    now = _now()
+        now = coordinator.journal.clock()
     if as_json:
         _echo_json(
             {
@@ -170,24 +161,11 @@ def list_command(
             }
         )
         return
-    rows = [_list_row(t, now) for t in found]
+    rows = [present.list_row(t, now) for t in found]
     headers = ["ID", "NAME", "STATUS", "STEPS", "CREATED", "DURATION", "ERROR"]
     click.echo(present.table(headers, rows))
     if len(found) == limit:
         click.echo(f"(page {page}; more with --page {page + 1})")
-
-
-def _list_row(tx: Outcome, now: datetime) -> list[str]:
-    error = (tx.error or "").replace("\n", " ")
-    return [
-        str(tx.id),
-        tx.name or "-",
-        str(tx.status),
-        f"{present.steps_done(tx)}/{len(tx.steps)}",
-        _when(tx.created_at),
-        present.seconds_text(present.duration(tx, now)),
-        error if len(error) <= 60 else error[:57] + "...",
-    ]
 
 
 @tx.command()
@@ -198,66 +176,11 @@ def show(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool
     """One transaction: its steps, attempts, errors and timeline."""
     with _coordinator(ctx, database_url) as coordinator:
         found = coordinator.get_transaction(tx_id)
-    now = _now()
+        now = coordinator.journal.clock()
     if as_json:
         _echo_json(present.outcome_json(found, now))
         return
-    click.echo(_describe(found, now))
-
-
-def _describe(tx: Outcome, now: datetime) -> str:
-    lines = [
-        f"transaction {tx.id}" + (f" ({tx.name})" if tx.name else ""),
-        f"  status:   {tx.status}" + (f" at step {tx.failed_step!r}" if tx.failed_step else ""),
-        f"  driver:   {tx.driver}",
-        f"  created:  {_when(tx.created_at)}",
-        f"  commit:   {_when(tx.started_at)}",
-        f"  finished: {_when(tx.finished_at)}",
-        f"  deadline: {_when(tx.deadline)}",
-        f"  duration: {present.seconds_text(present.duration(tx, now))}",
-    ]
-    if tx.error:
-        lines.append(f"  error:    {tx.error}")
-    steps = [
-        [
-            str(s.position),
-            s.name,
-            str(s.status),
-            str(s.attempts),
-            str(s.compensation_attempts),
-            s.compensation_error or s.error or "",
-        ]
-        for s in tx.steps
-    ]
-    lines += ["", present.table(["#", "STEP", "STATUS", "RUNS", "UNDOS", "ERROR"], steps)]
-    lines += ["", "timeline (from the commit):", _timeline_text(tx, now)]
-    return "\n".join(lines)
-
-
-def _timeline_text(tx: Outcome, now: datetime) -> str:
-    spans = timeline(tx)
-    if not spans:
-        return "  nothing ran"
-    total = max(present.duration(tx, now), 1e-6)
-    rows = []
-    for span in spans:
-        start = (span.started_at - present.origin(tx)).total_seconds()
-        left = round(max(start, 0) / total * _BAR_WIDTH)
-        width = max(round(span.seconds(now) / total * _BAR_WIDTH), 1)
-        bar = " " * min(left, _BAR_WIDTH - 1) + ("#" if span.phase == "action" else "~") * width
-        rows.append(
-            [
-                f"+{present.seconds_text(start)}",
-                span.step,
-                span.phase,
-                span.result,
-                present.seconds_text(span.seconds(now)),
-                f"|{bar[:_BAR_WIDTH].ljust(_BAR_WIDTH)}|",
-            ]
-        )
-    return present.table(
-        ["AT", "STEP", "PHASE", "RESULT", "TOOK", "# action  ~ compensation"], rows
-    )
+    click.echo(present.describe(found, now))
 
 
 # -- steering ------------------------------------------------------------------
@@ -278,7 +201,8 @@ def retry(
     """Take up a FAILED or stalled (RUNNING, COMPENSATING) transaction again."""
     with _coordinator(ctx, database_url) as coordinator:
         found = coordinator.retry_transaction(tx_id, force=force)
-    _print_outcome(found, as_json, "retried")
+        now = coordinator.journal.clock()
+    _print_outcome(found, now, as_json, "retried")
 
 
 @tx.command()
@@ -292,12 +216,13 @@ def abort(
     """Roll back a PENDING or RUNNING transaction now."""
     with _coordinator(ctx, database_url) as coordinator:
         found = coordinator.abort_transaction(tx_id, reason)
-    _print_outcome(found, as_json, "aborted")
+        now = coordinator.journal.clock()
+    _print_outcome(found, now, as_json, "aborted")
 
 
-def _print_outcome(tx: Outcome, as_json: bool, verb: str) -> None:
+def _print_outcome(tx: Outcome, now: datetime, as_json: bool, verb: str) -> None:
     if as_json:
-        _echo_json(present.outcome_json(tx, _now()))
+        _echo_json(present.outcome_json(tx, now))
     else:
         click.echo(f"{verb} {tx.id}: now {tx.status}")
 
@@ -379,6 +304,7 @@ def stats(
     """Counts by status and name, durations (median, p95, p99), the oldest open one."""
     with _coordinator(ctx, database_url) as coordinator:
         found = coordinator.transaction_stats(finished_within=finished_within)
+        now = coordinator.journal.clock()
     if as_json:
         _echo_json(found.as_json())
         return
@@ -401,7 +327,7 @@ def stats(
     if oldest is None:
         click.echo("oldest open: none")
     else:
-        age = present.seconds_text((_now() - oldest.created_at).total_seconds())
+        age = present.seconds_text((now - oldest.created_at).total_seconds())
         click.echo(
             f"oldest open: {oldest.id} ({oldest.name or 'unnamed'}) {oldest.status}, {age} old"
         )

@@ -1,57 +1,52 @@
-"""``TransactionCoordinator``: the public API."""
+"""``TransactionCoordinator``: the public API, and the checks of its arguments.
+
+It builds the parts once (the journal, a driver per kind of participant, the
+sweeper, the operators' calls) and hands each call to the part that carries it
+out: a registration to the driver whose participants it names, a commit to the
+driver the journal names for the transaction.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 from celery.canvas import Signature
 from sqlalchemy.engine import URL
 
+from celery_tx import arguments, metrics
+from celery_tx.arguments import check_timeout
+from celery_tx.clock import Clock, utc_now
+from celery_tx.core import stats as tx_stats
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import (
-    BrokerUnavailable,
-    InvalidArgument,
-    InvalidParticipant,
-    ParticipantNotResolvable,
-    TransactionNotFound,
-    TransactionStateError,
-)
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.errors import InvalidArgument
+from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
-from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.driver import binding, dispatch, messages
-from celery_tx.handles import CommitHandle, check_timeout
+from celery_tx.core.status import TxStatus
+from celery_tx.driver import Drivers
+from celery_tx.drivers.celery_tasks import binding, hooks
+from celery_tx.drivers.celery_tasks.driver import CeleryDriver
+from celery_tx.drivers.local.driver import LocalDriver
+from celery_tx.handles import CommitHandle
 from celery_tx.ids import parse_tx_id
-from celery_tx.local import callables
-from celery_tx.local.runner import LocalCall, LocalRunner
 from celery_tx.logs import tx_extra
-from celery_tx.operations import OperatorCalls
-from celery_tx.recovery import CELERY, DEFAULT_STALLED_AFTER, LOCAL, Sweeper, SweepReport
-from celery_tx.store import Journal
+from celery_tx.operations import Operations
+from celery_tx.store import Journal, queries
+from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
 logger = logging.getLogger("celery_tx.coordinator")
 
-_MAX_NAME_LENGTH = 200
 # Snapshots cached per live transaction; beyond this many the oldest are dropped
 # (a cache miss only costs a read).
 _MAX_CACHED_SNAPSHOTS = 10_000
-LOCAL_TOKEN = "local_token"  # key of the registration token in a journaled action
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class TransactionCoordinator(OperatorCalls):
+class TransactionCoordinator:
     """Runs distributed transactions whose every state change is journaled in SQL.
 
     Participants are Celery tasks declared with ``@participant`` (pass ``app``),
@@ -62,11 +57,12 @@ class TransactionCoordinator(OperatorCalls):
     ``CELERY_TX_DATABASE_URL`` is read, else a SQLite file ``celery_tx.sqlite3``
     in the working directory is used. With ``app``, constructing the coordinator
     is all a worker needs: the app's participant tasks journal to the same
-    database. ``rollback_retry`` is the default policy for retrying an
-    in-process rollback function that raises. ``default_timeout`` (seconds, or
-    the app's ``celery_tx_default_timeout``) is the deadline of transactions
-    begun without one. ``clock`` and ``sleep`` exist for
-    tests that must not wait.
+    database, and its workers sweep it. ``rollback_retry`` is the default policy
+    for retrying an in-process rollback function that raises.
+    ``default_timeout`` (seconds, or the app's ``celery_tx_default_timeout``) is
+    the deadline of transactions begun without one. ``clock`` is where every
+    time this coordinator records or compares comes from, and ``sleep`` how it
+    waits between retries: both exist for tests that must not wait.
 
     Every method is safe to call from many threads, and several coordinators in
     several processes may share one journal: each journal write is a
@@ -80,7 +76,7 @@ class TransactionCoordinator(OperatorCalls):
         app: Any = None,
         rollback_retry: RetryPolicy | None = None,
         default_timeout: float | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Clock = utc_now,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if app is not None and not hasattr(app, "send_task"):
@@ -93,25 +89,35 @@ class TransactionCoordinator(OperatorCalls):
         self.app = app
         """The Celery app whose workers run task participants (None: in-process only)."""
         self._journal = (
-            binding.journal_for(app, database_url) if app is not None else Journal(database_url)
+            binding.journal_for(app, database_url, clock)
+            if app is not None
+            else Journal(database_url, clock=clock)
         )
-        self._clock = clock
-        self._runner = LocalRunner(
-            self._journal, clock=clock, sleep=sleep, retry=rollback_retry or RetryPolicy()
+        self._local = LocalDriver(self._journal, retry=rollback_retry or RetryPolicy(), sleep=sleep)
+        # Signatures can be registered without an app, not committed.
+        self._drivers = Drivers(CeleryDriver(self._journal, app), self._local)
+        self._sweeper = Sweeper(self._journal, self._drivers)
+        self._operations = Operations(
+            self._journal, self._drivers, self._sweeper, _setting(app, "celery_tx_stalled_after")
         )
         # Latest snapshot this coordinator wrote, per live transaction: saves a read
         # before each write. Only an optimisation; the version check keeps it honest.
         self._snapshots: dict[uuid.UUID, Outcome] = {}
-        # The callables registered here, by transaction and registration token (the
-        # token is journaled with the step): lambdas and closures run only from here.
-        self._calls: dict[uuid.UUID, dict[str, LocalCall]] = {}
         self._lock = threading.Lock()
         self._sweeping: threading.Event | None = None
+        metrics.install_default()
+        hooks.install(app)
 
     @property
     def database_url(self) -> URL:
         """The journal's database URL (password hidden when printed)."""
         return self._journal.url
+
+    @property
+    def journal(self) -> Journal:
+        """The journal this coordinator reads and writes (for instrumentation such as
+        ``JournalCollector``; its methods are not part of the public API)."""
+        return self._journal
 
     def close(self) -> None:
         """Stop the background sweeps, if started, and release the journal's connections."""
@@ -134,16 +140,16 @@ class TransactionCoordinator(OperatorCalls):
         the deadline by which it must be final: ``reap()`` (which every worker
         runs) rolls it back once the deadline passes.
         """
-        _check_name(name)
+        arguments.check_name("name", name, optional=True)
         if timeout is None:
             timeout = self.default_timeout
-        now = self._clock()
+        now = self._journal.clock()
         tx = Outcome(
             id=uuid.uuid4(),
             name=name,
             status=TxStatus.PENDING,
             created_at=now,
-            deadline=None if timeout is None else _deadline(now, timeout),
+            deadline=None if timeout is None else arguments.deadline(now, timeout),
         )
         self._remember(self._journal.create(tx))
         logger.debug("transaction begun", extra=tx_extra(tx.id))
@@ -170,88 +176,17 @@ class TransactionCoordinator(OperatorCalls):
         retried for this participant.
         """
         tx_id = parse_tx_id(tx_id)
-        _check_service_name(service_name)
+        arguments.check_name("service_name", service_name)
         if rollback_retry is not None and not isinstance(rollback_retry, RetryPolicy):
             raise InvalidArgument(f"rollback_retry must be a RetryPolicy, got {rollback_retry!r}")
-        if isinstance(commit_function, Signature) or isinstance(rollback_function, Signature):
-            self._register_task(
-                tx_id, service_name, commit_function, rollback_function, rollback_retry
-            )
-        else:
-            self._register_callable(
-                tx_id, service_name, commit_function, rollback_function, rollback_retry
-            )
-        logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
-
-    def _register_task(
-        self,
-        tx_id: uuid.UUID,
-        service_name: str,
-        commit_function: object,
-        rollback_function: object,
-        rollback_retry: RetryPolicy | None,
-    ) -> None:
-        if not isinstance(commit_function, Signature):
-            raise InvalidParticipant(
-                "commit_function is a plain callable but rollback_function a Celery "
-                "signature; a participant is two participant tasks or two callables"
-            )
-        action = messages.describe(commit_function, role="action", what="commit_function")
-        compensation = (
-            messages.paired_compensation(action, "commit_function")
-            if rollback_function is None
-            else messages.describe(rollback_function, role="compensation", what="rollback_function")
-        )
-        step = StepOutcome(
-            position=0,
-            name=service_name,
-            status=StepStatus.PENDING,
-            action=action,
-            compensation=compensation,
-            retry=rollback_retry,
-        )
-        self._remember(self._journal.apply(self._snapshot(tx_id), _adding(step)))
-
-    def _register_callable(
-        self,
-        tx_id: uuid.UUID,
-        service_name: str,
-        commit_function: Callable[[], Any],
-        rollback_function: Callable[[], Any] | None,
-        rollback_retry: RetryPolicy | None,
-    ) -> None:
-        if rollback_function is None:
-            raise InvalidParticipant(
-                "rollback_function is required with a plain callable; only a participant "
-                "task's signature brings its declared compensation"
-            )
-        # The token ties the journaled step to the callables held here. Of threads
-        # racing to register one name, only the journal's winner's token is looked
-        # up later, and each loser removes only its own entry.
-        token = uuid.uuid4().hex
-        action = callables.describe(commit_function, role="commit_function")
-        step = StepOutcome(
-            position=0,
-            name=service_name,
-            status=StepStatus.PENDING,
-            action={**action, LOCAL_TOKEN: token},
-            compensation=callables.describe(rollback_function, role="rollback_function"),
-            retry=rollback_retry,
+        driver = self._drivers.for_registration(commit_function, rollback_function)
+        registration = driver.describe(
+            service_name, commit_function, rollback_function, rollback_retry
         )
         snapshot = self._snapshot(tx_id)  # TransactionNotFound before anything is held
-        # Stored before the journal write, so a commit racing in from another
-        # thread finds the callables as soon as the step is journaled.
-        with self._lock:  # one step with the cleanup below: no refused call empties it
-            calls = self._calls.setdefault(tx_id, {})
-            calls[token] = LocalCall(commit_function, rollback_function)
-        try:
-            self._remember(self._journal.apply(snapshot, _adding(step)))
-        except BaseException:
-            with self._lock:
-                calls.pop(token, None)
-                if not calls and self._calls.get(tx_id) is calls:
-                    del self._calls[tx_id]
-            raise
+        with driver.holding(tx_id, registration):
+            self._remember(self._journal.apply(snapshot, self._drivers.adding(registration)))
+        logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
 
     def commit_transaction(self, tx_id: uuid.UUID | str, timeout: float | None = None) -> Outcome:
         """Run the actions in registration order and return the final outcome.
@@ -264,10 +199,8 @@ class TransactionCoordinator(OperatorCalls):
         """
         tx_id = parse_tx_id(tx_id)
         check_timeout(timeout)
-        snapshot = self._snapshot(tx_id)
-        if timeout is None and not _is_celery(snapshot):
-            return self._commit_here(snapshot)  # no thread needed to wait for it
-        return self.commit_transaction_async(tx_id).wait(timeout)
+        snapshot = self._committing(tx_id)
+        return self._drivers.of(snapshot).commit(snapshot, timeout)
 
     def commit_transaction_async(self, tx_id: uuid.UUID | str) -> CommitHandle:
         """Start the commit and return at once with a handle to wait on.
@@ -275,103 +208,15 @@ class TransactionCoordinator(OperatorCalls):
         Refusals (unknown id, not PENDING, a participant that cannot run) are
         raised here; the handle's ``wait`` returns the final outcome.
         """
-        tx_id = parse_tx_id(tx_id)
+        snapshot = self._committing(parse_tx_id(tx_id))
+        return self._drivers.of(snapshot).commit_async(snapshot)
+
+    def _committing(self, tx_id: uuid.UUID) -> Outcome:
+        """The snapshot to commit; the driver moves it on from here, so it is not kept."""
         snapshot = self._snapshot(tx_id)
-        if _is_celery(snapshot):
-            self._send(snapshot)
-            return CommitHandle(tx_id, self._journal)
-        tr.require_pending(snapshot, "commit")  # refused now, not when waited on
-        run: Future[Outcome] = Future()
-        thread = threading.Thread(
-            target=_settle, args=(run, self._commit_here, snapshot), daemon=True
-        )
-        thread.start()
-        return CommitHandle(tx_id, self._journal, run)
-
-    def _commit_here(self, snapshot: Outcome) -> Outcome:
-        """Run an in-process transaction's participants in this thread."""
-        tx_id = snapshot.id
-        calls: list[LocalCall] = []
-
-        def start(tx: Outcome) -> Outcome:
-            tr.require_pending(tx, "commit")
-            if _is_celery(tx):  # registered from elsewhere since the snapshot
-                raise InvalidParticipant(f"transaction {tx_id} holds Celery tasks now")
-            # Resolved for the very snapshot being started (a reload after a lost
-            # race may hold more steps); a step nobody can run stops it here,
-            # before anything is journaled.
-            calls[:] = [self._resolve(tx_id, step) for step in tx.steps]
-            now = self._clock()
-            started = tr.start_commit(tx, now)
-            if started.status is TxStatus.RUNNING:
-                started = tr.start_action(started, 0, now)
-            return started
-
-        # Durable: before the first action can have an effect, the journal must
-        # hold the transaction, its participants and the fact that it runs.
-        tx = self._journal.apply(snapshot, start, durable=True)
-        logger.info("transaction committing", extra=tx_extra(tx_id))
-        if tx.status is TxStatus.RUNNING:
-            tx = self._runner.run_actions(tx, calls)
-        # Kept when the run stopped early (the journal became unreachable): the
-        # callables are what a later retry in this process would need.
-        self._remember(tx)
-        return tx
-
-    def _send(self, snapshot: Outcome) -> None:
-        """Journal a Celery transaction RUNNING and send its chain of actions."""
-        app = self.app
-        if app is None:
-            raise ParticipantNotResolvable(
-                f"transaction {snapshot.id} has Celery task participants: commit it with "
-                "TransactionCoordinator(app=...)"
-            )
-        signatures: list[Signature] = []
-
-        def start(tx: Outcome) -> Outcome:
-            tr.require_pending(tx, "commit")
-            # Built for the very snapshot started: a step naming a task that is
-            # not a participant here stops the commit before anything is journaled.
-            signatures[:] = dispatch.action_signatures(app, tx)
-            # The first step stays PENDING until its worker journals it RUNNING:
-            # if the chain cannot be sent, nothing has started and the rollback
-            # is complete at once.
-            return tr.start_commit(tx, self._clock())
-
-        # Durable: the workers' effects may begin as soon as the chain is sent.
-        tx = self._journal.apply(snapshot, start, durable=True)
-        self._forget(tx.id)  # the workers move it on from here
-        if tx.status is not TxStatus.RUNNING:
-            return  # nothing to run: committed already
-        try:
-            dispatch.send_actions(app, tx, signatures)
-        except Exception as exc:
-            self._unsent(tx, exc)
-        logger.info("transaction committing", extra=tx_extra(tx.id))
-
-    def _unsent(self, tx: Outcome, exc: Exception) -> None:
-        """The chain could not be sent: roll back what (nothing, unless a worker got it) ran."""
-        error = f"the broker refused the transaction's first task: {exc!r}"
-        logger.error("%s", error, extra=tx_extra(tx.id))
-
-        def abort(current: Outcome) -> Outcome:
-            return tr.begin_compensation(current, self._clock(), failed_step=None, error=error)
-
-        try:
-            tx = self._journal.apply(tx, abort)
-        except TransactionStateError:
-            # A worker got the message after all and moved it on: whoever won the
-            # move to COMPENSATING sends the compensations, never this call too.
-            tx = self._load(tx.id)
-        else:
-            if tx.status is TxStatus.COMPENSATING:
-                try:  # a step did start; if the broker is still down, the sweep finishes it
-                    dispatch.send_compensations(self.app, self._journal, tx)
-                except Exception:
-                    logger.exception("could not send compensations", extra=tx_extra(tx.id))
-        raise BrokerUnavailable(
-            f"could not send transaction {tx.id} to the broker ({exc!r}); it is {tx.status}"
-        ) from exc
+        with self._lock:
+            self._snapshots.pop(tx_id, None)
+        return snapshot
 
     def rollback_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """End a PENDING transaction ROLLED_BACK, every step SKIPPED.
@@ -384,12 +229,21 @@ class TransactionCoordinator(OperatorCalls):
         def roll_back(tx: Outcome) -> Outcome:
             if tx.status is TxStatus.ROLLED_BACK:
                 return tx  # already: whoever did it, the answer is the same
-            return tr.rollback_pending(tx, self._clock())
+            return tr.rollback_pending(tx, self._journal.clock())
 
         tx = self._journal.apply(self._snapshot(tx_id), roll_back, durable=True)
         self._remember(tx)
         logger.info("transaction rolled back before commit", extra=tx_extra(tx_id))
         return tx
+
+    def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
+        """The transaction as journaled now, whoever wrote it."""
+        tx = self._journal.get(parse_tx_id(tx_id))
+        if tx.is_final:
+            self._forget(tx.id)  # finished, perhaps by another coordinator
+        return tx
+
+    # -- the sweeps ----------------------------------------------------------
 
     def reap(self, limit: int = 100) -> SweepReport:
         """Roll back transactions still PENDING or RUNNING past their deadline.
@@ -399,7 +253,7 @@ class TransactionCoordinator(OperatorCalls):
         transactions are compensated here; Celery ones (with ``app``) by the
         workers. Safe to run in many processes at once.
         """
-        return self._sweeper().reap(_check_limit(limit))
+        return self._sweeper.reap(arguments.check_limit(limit))
 
     def recover(self, stalled_after: float | None = None, limit: int = 100) -> SweepReport:
         """Resume RUNNING or COMPENSATING transactions whose journal stopped changing.
@@ -414,12 +268,12 @@ class TransactionCoordinator(OperatorCalls):
         Celery transactions (with ``app``) are sent to the workers again.
         """
         if stalled_after is None:
-            stalled_after = self._stalled_after()
+            stalled_after = self._operations.stalled_after
         check_timeout(stalled_after, "stalled_after")
-        return self._sweeper().recover(stalled_after, _check_limit(limit))
+        return self._sweeper.recover(stalled_after, arguments.check_limit(limit))
 
     def start_sweeping(self, interval: float = 30.0, stalled_after: float | None = None) -> None:
-        """Run ``reap()`` and ``recover(stalled_after)`` every ``interval`` seconds.
+        """Run ``reap()`` and ``recover(stalled_after)`` now and every ``interval`` seconds.
 
         On a daemon thread of this process, until ``close()``: the in-process
         mode's counterpart of the sweeps every Celery worker runs. Calling it
@@ -427,53 +281,122 @@ class TransactionCoordinator(OperatorCalls):
         """
         check_timeout(interval, "interval")
         check_timeout(stalled_after, "stalled_after")
+
+        def sweep() -> None:
+            self.reap()
+            self.recover(stalled_after)
+
         with self._lock:
-            if self._sweeping is not None:
-                return
-            self._sweeping = stop = threading.Event()
+            if self._sweeping is None:
+                self._sweeping = start_sweeping(sweep, interval)
 
-        def sweep_forever() -> None:
-            while not stop.wait(interval):
-                try:
-                    self.reap()
-                    self.recover(stalled_after)
-                except Exception:  # the next round retries; a sweep never kills the thread
-                    logger.exception("background sweep failed")
+    # -- operating it --------------------------------------------------------
 
-        threading.Thread(target=sweep_forever, name="celery-tx-sweeper", daemon=True).start()
+    def retry_transaction(self, tx_id: uuid.UUID | str, *, force: bool = False) -> Outcome:
+        """Take up a FAILED or stalled transaction again (an operator's call).
 
-    def _stalled_after(self) -> float:
-        return _setting(self.app, "celery_tx_stalled_after", DEFAULT_STALLED_AFTER)
+        FAILED: its failed compensations run again, each with its whole retry
+        policy; use it once the cause is fixed (a bug in a compensation, a
+        service that was down). RUNNING or COMPENSATING and stalled (no journal
+        write for the stall time, as ``recover()`` judges): resumed from the
+        journal at once, the current action again and the rest, or the
+        remaining compensations (a step may run twice; participants use
+        ``barrier()``). One still making progress raises
+        ``TransactionStateError``, unless ``force``: resuming a live one runs
+        its current step twice at once. In-process steps run here and the final
+        snapshot is returned; Celery ones are sent and the snapshot after
+        sending is returned (poll ``get_transaction``). Any other status raises
+        ``TransactionStateError``; a process that cannot run the participants
+        (no app, callables it cannot import) raises ``ParticipantNotResolvable``
+        before anything changes.
+        """
+        return self._operations.retry(parse_tx_id(tx_id), force=force)
 
-    def _sweeper(self, drivers: tuple[str, ...] = (LOCAL, CELERY)) -> Sweeper:
-        send = self._send_from if self.app is not None else None
-        return Sweeper(self._journal, self._clock, self._runner, self._resolve, send, drivers)
+    def abort_transaction(
+        self, tx_id: uuid.UUID | str, reason: str = "aborted by an operator"
+    ) -> Outcome:
+        """Roll back a PENDING or RUNNING transaction now, whatever its deadline.
 
-    def _send_from(self, tx: Outcome, position: int | None) -> None:
-        """Send a Celery transaction's actions from ``position``, or its compensations."""
-        if position is None:
-            dispatch.send_compensations(self.app, self._journal, tx)
-        else:
-            signatures = dispatch.action_signatures(self.app, tx)[position:]
-            dispatch.send_actions(self.app, tx, signatures)
+        A PENDING one ends ROLLED_BACK. A RUNNING one turns COMPENSATING: every
+        step that started is compensated, the one running too (its outcome is
+        not known yet; its late result is ignored), in-process here or by the
+        workers for Celery transactions (which needs ``app``). Aborting one that
+        is already rolling back returns it unchanged; a COMMITTED or FAILED one
+        raises ``TransactionStateError``.
+        """
+        tx_id = parse_tx_id(tx_id)
+        reason = arguments.optional_text("reason", reason) or "aborted by an operator"
+        return self._operations.abort(tx_id, reason)
 
-    def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
-        """The transaction as journaled now, whoever wrote it."""
-        tx = self._load(parse_tx_id(tx_id))
-        if tx.is_final:
-            self._forget(tx.id)  # finished, perhaps by another coordinator
-        return tx
+    def list_transactions(
+        self,
+        *,
+        status: TxStatus | str | Iterable[TxStatus | str] | None = None,
+        name: str | None = None,
+        older_than: float | timedelta | None = None,
+        newer_than: float | timedelta | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[Outcome]:
+        """Transactions with their steps, newest first, one page of them.
+
+        ``status`` one or several statuses; ``name`` the name given to
+        ``begin_transaction``; ``older_than`` / ``newer_than`` their age (seconds
+        or a ``timedelta``) by creation time; ``limit`` (at most 1000) and
+        ``offset`` page through the rest.
+        """
+        now = self._journal.clock()
+        where = queries.Filter(
+            statuses=arguments.statuses(status),
+            name=arguments.optional_text("name", name),
+            created_before=None
+            if older_than is None
+            else now - arguments.age("older_than", older_than),
+            created_after=None
+            if newer_than is None
+            else now - arguments.age("newer_than", newer_than),
+        )
+        return queries.list_transactions(
+            self._journal,
+            where,
+            limit=arguments.count("limit", limit, 1, arguments.MAX_PAGE_SIZE),
+            offset=arguments.count("offset", offset, 0, None),
+        )
+
+    def transaction_stats(
+        self, *, finished_within: float | timedelta | None = None
+    ) -> tx_stats.TransactionStats:
+        """Counts by status and by name, commit-to-final durations (median, p95,
+        p99) and the oldest transaction not final yet.
+
+        ``finished_within`` limits the durations to transactions that finished
+        that recently (seconds or a ``timedelta``); the counts are always of
+        the whole journal.
+        """
+        since = None
+        if finished_within is not None:
+            since = self._journal.clock() - arguments.age("finished_within", finished_within)
+        found = queries.stats_rows(self._journal, finished_after=since)
+        return tx_stats.compute(
+            found.counts, found.durations, found.durations_by_name, found.oldest_open
+        )
+
+    def purge_transactions(self, older_than: float | timedelta) -> int:
+        """Delete final transactions that finished more than ``older_than`` ago; how many.
+
+        Transactions that are not final are never deleted, however old. The
+        participants' ``barrier()`` rows live in their own databases and are
+        theirs to clean up.
+        """
+        cutoff = self._journal.clock() - arguments.age("older_than", older_than)
+        deleted = queries.purge(self._journal, finished_before=cutoff)
+        logger.info("purged %d transactions finished before %s", deleted, cutoff.isoformat())
+        return deleted
 
     # -- internals -----------------------------------------------------------
 
-    def _load(self, tx_id: uuid.UUID) -> Outcome:
-        tx = self._journal.load(tx_id)
-        if tx is None:
-            raise TransactionNotFound(f"no transaction {tx_id} in the journal")
-        return tx
-
     def _snapshot(self, tx_id: uuid.UUID) -> Outcome:
-        return self._snapshots.get(tx_id) or self._load(tx_id)
+        return self._snapshots.get(tx_id) or self._journal.get(tx_id)
 
     def _remember(self, tx: Outcome) -> None:
         if tx.is_final:
@@ -488,96 +411,10 @@ class TransactionCoordinator(OperatorCalls):
     def _forget(self, tx_id: uuid.UUID) -> None:
         with self._lock:
             self._snapshots.pop(tx_id, None)
-            self._calls.pop(tx_id, None)
-
-    def _resolve(self, tx_id: uuid.UUID, step: StepOutcome) -> LocalCall:
-        registered = self._calls.get(tx_id, {}).get(step.action.get(LOCAL_TOKEN, ""))
-        if registered is not None:
-            return registered
-        return LocalCall(callables.resolve(step.action), callables.resolve(step.compensation))
+        self._drivers.forget(tx_id)
 
 
-def _adding(step: StepOutcome) -> Callable[[Outcome], Outcome]:
-    """The journal event that appends ``step``, refusing to mix participant kinds."""
-
-    def event(tx: Outcome) -> Outcome:
-        if tx.steps and _is_celery(tx) != messages.is_celery_step(step.action):
-            raise InvalidParticipant(
-                f"transaction {tx.id} holds "
-                + ("Celery tasks" if _is_celery(tx) else "plain callables")
-                + "; one transaction cannot mix callables and Celery signatures"
-            )
-        tx = tr.add_step(tx, step)
-        # Journaled, so the sweeps pick the transactions their process can run.
-        return replace(tx, driver=CELERY) if messages.is_celery_step(step.action) else tx
-
-    return event
-
-
-def _is_celery(tx: Outcome) -> bool:
-    return bool(tx.steps) and messages.is_celery_step(tx.steps[0].action)
-
-
-def _settle(run: Future[Outcome], commit: Callable[[Outcome], Outcome], tx: Outcome) -> None:
-    """Run ``commit(tx)`` in a helper thread and hand its result or error to ``run``."""
-    try:
-        run.set_result(commit(tx))
-    except BaseException as exc:  # handed to whoever waits; the thread ends quietly
-        run.set_exception(exc)
-
-
-def _check_name(name: object) -> None:
-    if name is not None:
-        _check_text("name", name)
-
-
-def _check_service_name(name: object) -> None:
-    _check_text("service_name", name)
-
-
-def _check_text(what: str, value: object) -> None:
-    # NUL cannot be stored in PostgreSQL text; refuse it here, not in the database.
-    if (
-        not isinstance(value, str)
-        or not value.strip()
-        or len(value) > _MAX_NAME_LENGTH
-        or "\x00" in value
-        or not _encodable(value)
-    ):
-        raise InvalidArgument(
-            f"{what} must be a non-empty string of at most 200 characters "
-            f"without NUL, got {value!r}"
-        )
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates, e.g. from an OS-supplied name
-        return False
-    return True
-
-
-def _check_limit(limit: object) -> int:
-    if type(limit) is not int or limit < 1:
-        raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}")
-    return limit
-
-
-def _setting(app: Any, key: str, default: float) -> float:
-    """A number from the app's configuration (``celery_tx_*`` keys), else ``default``."""
+def _setting(app: Any, key: str) -> float:
+    """The stall time from the app's configuration, else the default."""
     value = app.conf.get(key) if app is not None else None
-    return default if value is None else float(value)
-
-
-def _deadline(now: datetime, timeout: object) -> datetime:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise InvalidArgument(
-            f"timeout must be a positive, finite number of seconds, got {timeout!r}"
-        )
-    try:
-        return now + timedelta(seconds=timeout)
-    except OverflowError:
-        raise InvalidArgument(f"timeout {timeout!r} puts the deadline past year 9999") from None
+    return DEFAULT_STALLED_AFTER if value is None else float(value)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from concurrent.futures import Future
 
-from celery_tx.core.errors import InvalidArgument, TransactionNotFound
+from celery_tx.arguments import check_timeout
+from celery_tx.core.errors import TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
 from celery_tx.store import Journal
@@ -67,7 +67,7 @@ class CommitHandle:
             if status is None:
                 raise TransactionNotFound(f"no transaction {self._id} in the journal")
             if status.is_final:
-                return self._load()
+                return self._journal.get(self._id)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -76,24 +76,8 @@ class CommitHandle:
             time.sleep(pause)
             pause = min(pause * 1.5, _MAX_POLL)
 
-    def _load(self) -> Outcome:
-        tx = self._journal.load(self._id)
-        if tx is None:
-            raise TransactionNotFound(f"no transaction {self._id} in the journal")
-        return tx
-
     def _timeout(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(
             f"transaction {self._id} was not final after {timeout}s; it goes on, "
             "wait again or read it with get_transaction()"
         )
-
-
-def check_timeout(timeout: object, what: str = "timeout") -> None:
-    """Refuse a timeout that is not None or a finite number of seconds, zero or more."""
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidArgument(f"{what} must be a number of seconds, got {timeout!r}")
-    if not math.isfinite(timeout) or timeout < 0:
-        raise InvalidArgument(f"{what} must be zero or more seconds, got {timeout!r}")

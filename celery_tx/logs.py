@@ -5,11 +5,10 @@
   compensation (the participant's own ``logger.info``) the same attributes,
   from ``current_step()``; records outside any transaction get ``"-"``, so a
   format naming ``%(tx_id)s`` and ``%(tx_step)s`` works for every record;
-- in a Celery worker both are installed on the worker's handlers (the
-  ``after_setup_logger`` and ``after_setup_task_logger`` signals), and a
+- ``add_transaction_context`` installs both on a logger's handlers, and a
   handler whose format does not name ``tx_id`` gets `` [tx <id> <step>]``
-  appended to the lines about a transaction. ``celery_tx_log_context = False``
-  in the app's configuration leaves the worker's logging alone.
+  appended to the lines about a transaction; in a Celery worker the Celery
+  driver does this for the worker's loggers (``drivers/celery_tasks/hooks.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ from __future__ import annotations
 import logging
 import uuid
 from typing import Any
-
-from celery import current_app
-from celery.signals import after_setup_logger, after_setup_task_logger
 
 from celery_tx import context
 
@@ -80,15 +76,3 @@ def add_transaction_context(logger: logging.Logger) -> None:
         shown = "tx_id" in str(getattr(formatter, "_fmt", "") or "")
         if not shown and not isinstance(formatter, TransactionFormatter):
             handler.setFormatter(TransactionFormatter(formatter))
-
-
-def _wanted() -> bool:
-    # Celery sends these signals without a sender; the worker's app is current then.
-    return current_app.conf.get("celery_tx_log_context", True) is not False
-
-
-@after_setup_logger.connect  # type: ignore[untyped-decorator]
-@after_setup_task_logger.connect  # type: ignore[untyped-decorator]
-def _on_worker_logging(sender: Any = None, logger: logging.Logger | None = None, **_: Any) -> None:
-    if logger is not None and _wanted():
-        add_transaction_context(logger)

@@ -1,7 +1,8 @@
 """Prometheus metrics (optional: ``pip install celery-tx[metrics]``).
 
-When ``prometheus_client`` is importable, ``import celery_tx`` registers these
-on its default registry and counts every journal write this process makes:
+When ``prometheus_client`` is importable, the first ``TransactionCoordinator``
+of a process registers these on its default registry and counts every journal
+write this process makes, from the journal's observer hook:
 
 - ``celery_tx_transactions_total{name,status}``: transactions that ended
   COMMITTED, ROLLED_BACK or FAILED (a FAILED one retried by an operator
@@ -13,7 +14,8 @@ on its default registry and counts every journal write this process makes:
 - ``celery_tx_compensations_total{name,step,result}``: compensations that
   ended, ``result`` ``compensated`` or ``failed``;
 - ``celery_tx_recoveries_total{kind}``: what the sweeps did: ``resumed``,
-  ``rolled_back`` (past a deadline or time limit) or ``abandoned``.
+  ``rolled_back`` (past a deadline or time limit) or ``abandoned`` (the cause
+  the sweeps give their writes).
 
 Each is counted by the process whose journal write made the change, and a
 write lands exactly once, so summing over processes counts each event once.
@@ -30,8 +32,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 try:
     import prometheus_client
@@ -39,14 +40,12 @@ try:
 except ImportError:  # optional: everything else works without it
     prometheus_client = None  # type: ignore[assignment]
 
+from celery_tx.core.causes import SWEEPS
 from celery_tx.core.errors import CeleryTxError
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.outcome import StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.store import journal as journal_module
-from celery_tx.store import queries
-
-if TYPE_CHECKING:
-    from celery_tx.coordinator import TransactionCoordinator
+from celery_tx.store import Journal, queries
+from celery_tx.store.observers import Write, observe
 
 logger = logging.getLogger("celery_tx.metrics")
 
@@ -114,20 +113,20 @@ class TransactionMetrics:
             ["kind"],
             registry=r,
         )
-        self._stop = journal_module.observe(self.journal_write)
-        _SWEEP_LISTENERS.append(self.sweep)
+        self._stop = observe(self.journal_write)
 
     def close(self) -> None:
         """Stop counting (the metrics stay registered with their values)."""
         if self._stop is not None:
             self._stop()
             self._stop = None
-        if self.sweep in _SWEEP_LISTENERS:
-            _SWEEP_LISTENERS.remove(self.sweep)
 
-    def journal_write(self, before: Outcome, after: Outcome) -> None:
+    def journal_write(self, write: Write) -> None:
         """Count what one landed write changed."""
+        before, after = write.before, write.after
         name = after.name or ""
+        if write.cause in SWEEPS:
+            self.recoveries.labels(write.cause.value).inc()
         if before.status is TxStatus.PENDING and after.started_at is not None:
             self.commits.labels(name).inc()
         if after.is_final and not before.is_final:
@@ -150,38 +149,23 @@ class TransactionMetrics:
                 seconds = (ended - started).total_seconds()
                 self.step_seconds.labels(name, new.name, "compensation").observe(max(seconds, 0.0))
 
-    def sweep(self, kind: str, count: int) -> None:
-        """Count what a sweep did."""
-        if count:
-            self.recoveries.labels(kind).inc(count)
-
-
-_SWEEP_LISTENERS: list[Callable[[str, int], None]] = []
-
-
-def record_sweep(resumed: int, rolled_back: int, abandoned: int) -> None:
-    """Called by the sweeps (``celery_tx.recovery``) with what they just did."""
-    done = (("resumed", resumed), ("rolled_back", rolled_back), ("abandoned", abandoned))
-    for listener in list(_SWEEP_LISTENERS):
-        for kind, count in done:
-            listener(kind, count)
-
 
 def install_metrics(registry: Any = None) -> TransactionMetrics:
     """celery-tx's metrics on ``registry`` (default: prometheus_client's), counting
-    from now on. ``import celery_tx`` does this once for the default registry."""
+    from now on. The first coordinator of a process does this once for the
+    default registry."""
     if prometheus_client is None:
         raise MetricsUnavailable(_INSTALL)
     return TransactionMetrics(registry if registry is not None else prometheus_client.REGISTRY)
 
 
 DEFAULT: TransactionMetrics | None = None
-"""The metrics on the default registry, when ``import celery_tx`` installed them."""
+"""The metrics on the default registry, once a coordinator installed them."""
 
 
 def install_default() -> None:
-    """Install on the default registry once, if prometheus_client is there and not
-    turned off (``CELERY_TX_METRICS=0``)."""
+    """Install on the default registry once per process, if prometheus_client is
+    there and not turned off (``CELERY_TX_METRICS=0``); called by every coordinator."""
     global DEFAULT  # noqa: PLW0603  # once per process, on first import
     if DEFAULT is not None or os.environ.get("CELERY_TX_METRICS", "1").lower() in {"0", "off"}:
         return
@@ -189,6 +173,14 @@ def install_default() -> None:
         DEFAULT = install_metrics()
     except MetricsUnavailable:
         return
+
+
+class HasJournal(Protocol):
+    """What ``JournalCollector`` reads from: a ``TransactionCoordinator``."""
+
+    @property
+    def journal(self) -> Journal:
+        """The journal to read."""
 
 
 class JournalCollector:
@@ -201,7 +193,7 @@ class JournalCollector:
       the other two are left out rather than failing the whole scrape).
     """
 
-    def __init__(self, coordinator: TransactionCoordinator) -> None:
+    def __init__(self, coordinator: HasJournal) -> None:
         self.coordinator = coordinator
 
     def collect(self) -> Iterator[Any]:
@@ -210,7 +202,8 @@ class JournalCollector:
             "celery_tx_journal_up", "1 when the journal answered this scrape, else 0."
         )
         try:
-            found = queries.open_transactions(self.coordinator._journal)
+            journal = self.coordinator.journal
+            found = queries.open_transactions(journal)
         except CeleryTxError:
             logger.warning("the journal did not answer the metrics scrape", exc_info=True)
             up.add_metric([], 0)
@@ -227,7 +220,7 @@ class JournalCollector:
             open_.add_metric([name or "", status.value], count)
         yield open_
         oldest = found.oldest_created_at
-        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        age = 0.0 if oldest is None else (journal.clock() - oldest).total_seconds()
         yield GaugeMetricFamily(
             "celery_tx_oldest_open_transaction_seconds",
             "Age of the oldest transaction not final yet (0 when there is none).",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.timeline import Span, timeline
+
+BAR_WIDTH = 40
+"""Characters of a timeline bar in ``celery tx show``."""
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -112,3 +115,77 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def when(moment: datetime | None) -> str:
+    """A moment for people, in UTC to the second."""
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def list_row(tx: Outcome, now: datetime) -> list[str]:
+    """A row of ``celery tx list``."""
+    error = (tx.error or "").replace("\n", " ")
+    return [
+        str(tx.id),
+        tx.name or "-",
+        str(tx.status),
+        f"{steps_done(tx)}/{len(tx.steps)}",
+        when(tx.created_at),
+        seconds_text(duration(tx, now)),
+        error if len(error) <= 60 else error[:57] + "...",
+    ]
+
+
+def describe(tx: Outcome, now: datetime) -> str:
+    """What ``celery tx show`` prints: the transaction, its steps, its timeline."""
+    lines = [
+        f"transaction {tx.id}" + (f" ({tx.name})" if tx.name else ""),
+        f"  status:   {tx.status}" + (f" at step {tx.failed_step!r}" if tx.failed_step else ""),
+        f"  driver:   {tx.driver}",
+        f"  created:  {when(tx.created_at)}",
+        f"  commit:   {when(tx.started_at)}",
+        f"  finished: {when(tx.finished_at)}",
+        f"  deadline: {when(tx.deadline)}",
+        f"  duration: {seconds_text(duration(tx, now))}",
+    ]
+    if tx.error:
+        lines.append(f"  error:    {tx.error}")
+    steps = [
+        [
+            str(s.position),
+            s.name,
+            str(s.status),
+            str(s.attempts),
+            str(s.compensation_attempts),
+            s.compensation_error or s.error or "",
+        ]
+        for s in tx.steps
+    ]
+    lines += ["", table(["#", "STEP", "STATUS", "RUNS", "UNDOS", "ERROR"], steps)]
+    lines += ["", "timeline (from the commit):", timeline_text(tx, now)]
+    return "\n".join(lines)
+
+
+def timeline_text(tx: Outcome, now: datetime) -> str:
+    """The timeline as text: a bar per action (``#``) and compensation (``~``)."""
+    spans = timeline(tx)
+    if not spans:
+        return "  nothing ran"
+    total = max(duration(tx, now), 1e-6)
+    rows = []
+    for span in spans:
+        start = (span.started_at - origin(tx)).total_seconds()
+        left = round(max(start, 0) / total * BAR_WIDTH)
+        width = max(round(span.seconds(now) / total * BAR_WIDTH), 1)
+        bar = " " * min(left, BAR_WIDTH - 1) + ("#" if span.phase == "action" else "~") * width
+        rows.append(
+            [
+                f"+{seconds_text(start)}",
+                span.step,
+                span.phase,
+                span.result,
+                seconds_text(span.seconds(now)),
+                f"|{bar[:BAR_WIDTH].ljust(BAR_WIDTH)}|",
+            ]
+        )
+    return table(["AT", "STEP", "PHASE", "RESULT", "TOOK", "# action  ~ compensation"], rows)

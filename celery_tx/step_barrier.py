@@ -38,7 +38,6 @@ when it is missing)::
 from __future__ import annotations
 
 import weakref
-from datetime import UTC, datetime
 
 from sqlalchemy import (
     Column,
@@ -56,6 +55,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
 
+from celery_tx.clock import utc_now
 from celery_tx.context import current_step
 from celery_tx.core.errors import InvalidArgument
 
@@ -105,7 +105,7 @@ def _insert(session: Session, key: tuple[str, str], phase: str, *, inserted_by: 
         "step": key[1],
         "phase": phase,
         "inserted_by": inserted_by,
-        "created_at": datetime.now(UTC),
+        "created_at": utc_now(),
     }
     dialect = session.get_bind().dialect.name
     if dialect in ("postgresql", "sqlite"):

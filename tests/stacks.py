@@ -60,7 +60,7 @@ class Stack:
             "broker_url": self.broker_url,
             "broker_transport_options": self.transport_options,
             **(
-                {"broker_transport": "celery_tx.driver.filesystem:Transport"}
+                {"broker_transport": "celery_tx.drivers.celery_tasks.filesystem:Transport"}
                 if self.name == "embedded"
                 else {}
             ),
@@ -158,7 +158,7 @@ def filesystem_sender(folder: Path, **conf: Any) -> Any:
     app = Celery("sender")
     app.conf.update(
         broker_url="filesystem://",
-        broker_transport="celery_tx.driver.filesystem:Transport",
+        broker_transport="celery_tx.drivers.celery_tasks.filesystem:Transport",
         broker_transport_options={
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),

@@ -43,7 +43,7 @@ from celery_tx import (
     participant,
 )
 from celery_tx.core.errors import DuplicateParticipant
-from celery_tx.driver import registry
+from celery_tx.drivers.celery_tasks import registry
 from celery_tx.store import schema
 from tests.apps import tasks
 from tests.apps.tasks import effects
@@ -888,8 +888,8 @@ def test_an_errback_the_journal_does_not_back_changes_nothing(
     errbacks on Reject too): while the transaction runs, that errback must not abort it."""
     from types import SimpleNamespace
 
-    from celery_tx.driver.dispatch import STEP_FAILED
-    from celery_tx.driver.messages import task_id
+    from celery_tx.drivers.celery_tasks.dispatch import STEP_FAILED
+    from celery_tx.drivers.celery_tasks.messages import task_id
 
     step_failed = celery_app.tasks[STEP_FAILED]  # as the worker calls it: on its app
 

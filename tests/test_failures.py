@@ -20,7 +20,7 @@ from celery_tx import (
     TransactionStateError,
     TxStatus,
 )
-from celery_tx.local import callables
+from celery_tx.drivers.local import callables
 from celery_tx.store import Journal
 from tests.participants import Recorder, append_line
 
@@ -78,7 +78,7 @@ def test_a_long_outage_raises_and_keeps_what_a_retry_needs(database_url: str) ->
         stuck = coordinator.get_transaction(tx_id)
         assert stuck.status is TxStatus.RUNNING
         assert stuck.steps[0].status is StepStatus.RUNNING  # unknown outcome, not lost
-        assert coordinator._calls.get(tx_id)  # the callables are kept for recovery
+        assert coordinator._local.holds(tx_id)  # the callables are kept for recovery
 
 
 def test_a_refused_write_is_not_retried(database_url: str) -> None:
@@ -323,7 +323,7 @@ def test_refused_registrations_hold_nothing(coordinator: TransactionCoordinator)
     coordinator.rollback_transaction(tx_id)
     with pytest.raises(TransactionStateError):
         coordinator.register_participant(tx_id, "a", print, print)
-    assert not coordinator._calls
+    assert not coordinator._local._calls
     assert not coordinator._snapshots
 
 

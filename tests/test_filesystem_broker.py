@@ -23,7 +23,7 @@ from kombu import Connection
 role, folder, ident, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 options = {"data_folder_in": folder, "data_folder_out": folder,
            "control_folder": folder, "polling_interval": 0.001}
-with Connection("filesystem://", transport="celery_tx.driver.filesystem:Transport",
+with Connection("filesystem://", transport="celery_tx.drivers.celery_tasks.filesystem:Transport",
                 transport_options=options) as conn:
     queue = conn.SimpleQueue("race")
     if role == "produce":

@@ -204,10 +204,35 @@ def test_a_version_1_journal_gains_the_progress_columns(database_url: str) -> No
         ).one()
     journal.close()
     engine.dispose()
-    assert version == 2
+    assert version == schema.SCHEMA_VERSION  # migrated through 2 on to the latest
     assert updated is not None
     assert updated > NOW
     assert claimed is None
+
+
+def test_a_version_2_journal_names_the_driver_of_its_celery_transactions(
+    database_url: str,
+) -> None:
+    """Schema 2 -> 3: transactions of Celery tasks that early writers journaled with
+    the driver "local" are named "celery", and no other row changes."""
+    task = {"kind": "celery", "task": "shop.charge", "arguments": "[[], {}]"}
+    journal = Journal(database_url)
+    celery_tx = journal.create(tr.add_step(new_tx(), new_step("a", action=task)))
+    local_tx = journal.create(tr.add_step(new_tx(), new_step("a")))
+    empty_tx = journal.create(new_tx())
+    journal.close()
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:  # as a writer before the driver column was kept left it
+        conn.execute(schema.transactions.update().values(driver="local"))
+        conn.execute(schema.schema_version.update().values(version=2))
+    journal = Journal(database_url)
+    drivers = [journal.get(tx.id).driver for tx in (celery_tx, local_tx, empty_tx)]
+    with engine.connect() as conn:
+        version = conn.execute(sa.select(schema.schema_version.c.version)).scalar_one()
+    journal.close()
+    engine.dispose()
+    assert drivers == ["celery", "local", "local"]
+    assert version == 3
 
 
 def test_unreachable_database_is_a_typed_error() -> None:

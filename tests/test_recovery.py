@@ -306,7 +306,7 @@ def test_a_sweep_leaves_alone_a_transaction_that_moved_on_since_it_read_it(
     journal.apply(stale, lambda t: tr.start_action(t, 1, datetime.now(UTC)))  # a worker's retry
 
     with pytest.raises(TransactionStateError):
-        sweeper._sweeper().resume(stale, SweepReport())
+        sweeper._sweeper.resume(stale, SweepReport())
     assert journal.load(tx_id).steps[1].attempts == 2  # the retry's, not one more
     assert effects(log) == ["s0 action"]
 
@@ -318,7 +318,7 @@ def test_the_overtime_sweep_does_not_hide_stalled_transactions_from_recovery(
     tx_id = register_steps(coordinator, log, 2)
     crash_after(coordinator, tx_id, done=1, log=log)
     clock.advance(301)
-    sweep = sweeper._sweeper()
+    sweep = sweeper._sweeper
     sweep.step_limit = lambda step: None  # no limits: nothing to roll back
     assert sweep.reap_overtime() == SweepReport()
     assert sweep.recover(300).resumed == [tx_id]  # the same sweep, right after

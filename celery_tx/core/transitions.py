@@ -159,7 +159,7 @@ def begin_compensation(
 
     "Never started" is read from the snapshot, which is exact while the journal
     holds every write. After a crash of the database itself, the unflushed step
-    progress may be gone (see ``celery_tx.local.runner``); recovery must then
+    progress may be gone (see ``celery_tx.drivers.local.runner``); recovery must then
     treat the PENDING steps of a RUNNING transaction as possibly started instead
     of calling this directly.
     """

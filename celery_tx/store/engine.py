@@ -80,7 +80,7 @@ def create_journal_engine(url: URL, *, autocommit: bool = False, durable: bool =
             "with the 'postgres' extra, PostgreSQL through psycopg 3)"
         ) from exc
     if not is_memory_sqlite(url):  # a child could not reach the parent's memory anyway
-        _ENGINES_TO_FORGET_IN_CHILDREN.add(engine)
+        _forget_in_children(engine)
     return engine
 
 
@@ -108,14 +108,19 @@ def _create_engine(url: URL, *, autocommit: bool, durable: bool) -> Engine:
 # SQLAlchemy's recipe is dispose(close=False) in the child, which drops the
 # inherited pool without closing what the parent still uses.
 _ENGINES_TO_FORGET_IN_CHILDREN: weakref.WeakSet[Engine] = weakref.WeakSet()
+_watching_forks: list[bool] = []
+
+
+def _forget_in_children(engine: Engine) -> None:
+    if not _watching_forks:  # the first engine of this process: watch forks from now on
+        os.register_at_fork(after_in_child=_forget_connections_in_child)
+        _watching_forks.append(True)
+    _ENGINES_TO_FORGET_IN_CHILDREN.add(engine)
 
 
 def _forget_connections_in_child() -> None:
     for engine in list(_ENGINES_TO_FORGET_IN_CHILDREN):
         engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_forget_connections_in_child)
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Dialect
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version of the tables below; bump it and add a migration to change them."""
 
 
@@ -36,7 +36,30 @@ def _add_progress_columns(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_progress_columns}
+def _name_the_celery_driver(conn: Connection) -> None:
+    """Version 2 -> 3: the ``driver`` column names the Celery driver of every
+    transaction of Celery tasks. Writers before the sweeps (schema 1 and early 2)
+    left it "local"; since version 3 the column alone picks a transaction's driver."""
+    task_step = (
+        sa.select(steps.c.tx_id)
+        .where(
+            steps.c.tx_id == transactions.c.id,
+            steps.c.position == 0,
+            steps.c.action["kind"].as_string() == "celery",
+        )
+        .exists()
+    )
+    conn.execute(
+        transactions.update()
+        .where(transactions.c.driver != "celery", task_step)
+        .values(driver="celery")
+    )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _add_progress_columns,
+    2: _name_the_celery_driver,
+}
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
 # An arbitrary constant: the PostgreSQL advisory lock that serializes schema setup.

@@ -18,7 +18,6 @@ authentication: transaction names, step names and errors are shown.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celery_tx import present
@@ -37,7 +36,9 @@ if TYPE_CHECKING:
     from celery_tx.coordinator import TransactionCoordinator
 
 PAGE_SIZE = 50
-MAX_PAGE = 100_000
+"""Transactions per listed page."""
+MAX_PAGE_NUMBER = 100_000
+"""The last page a listing may ask for."""
 
 
 class WebUnavailable(CeleryTxError, ImportError):
@@ -63,8 +64,8 @@ def transactions_blueprint(
         if status is not None and status.upper() not in TxStatus.__members__:
             abort(400, f"unknown status {status!r}")
         page = request.args.get("page", "1")
-        if not (page.isascii() and page.isdigit()) or not 1 <= int(page) <= MAX_PAGE:
-            abort(400, f"page must be a whole number from 1 to {MAX_PAGE}")
+        if not (page.isascii() and page.isdigit()) or not 1 <= int(page) <= MAX_PAGE_NUMBER:
+            abort(400, f"page must be a whole number from 1 to {MAX_PAGE_NUMBER}")
         name = request.args.get("name") or None
         number = int(page)
         try:
@@ -86,7 +87,7 @@ def transactions_blueprint(
     @blueprint.get("/")
     def index() -> Any:
         found, filters = listing()
-        now = datetime.now(UTC)
+        now = coordinator.journal.clock()
         return render_template(
             "celery_tx/list.html",
             rows=[present.outcome_json(t, now, with_steps=False) for t in found],
@@ -101,7 +102,7 @@ def transactions_blueprint(
     @blueprint.get("/<tx_id>")
     def detail(tx_id: str) -> Any:
         tx = load(tx_id)
-        now = datetime.now(UTC)
+        now = coordinator.journal.clock()
         return render_template(
             "celery_tx/detail.html",
             tx=present.outcome_json(tx, now),
@@ -115,7 +116,7 @@ def transactions_blueprint(
     @blueprint.get("/api/transactions")
     def api_list() -> Any:
         found, filters = listing()
-        now = datetime.now(UTC)
+        now = coordinator.journal.clock()
         return jsonify(
             page=filters["page"],
             transactions=[present.outcome_json(t, now, with_steps=False) for t in found],
@@ -123,6 +124,6 @@ def transactions_blueprint(
 
     @blueprint.get("/api/transactions/<tx_id>")
     def api_detail(tx_id: str) -> Any:
-        return jsonify(present.outcome_json(load(tx_id), datetime.now(UTC)))
+        return jsonify(present.outcome_json(load(tx_id), coordinator.journal.clock()))
 
     return blueprint

@@ -11,8 +11,8 @@ This transport writes each message under a temporary name and renames it into
 place, so a consumer only ever sees whole messages; and it claims a message by
 renaming it into the processed folder, on the same file system, so exactly one
 consumer gets it. Use it with ``broker_transport =
-"celery_tx.driver.filesystem:Transport"`` (the project's ``celeryconfig.py``
-does, for the embedded default).
+"celery_tx.drivers.celery_tasks.filesystem:Transport"`` (the project's
+``celeryconfig.py`` does, for the embedded default).
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ moved on) is ignored. Neither runs the user's function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject, Retry
@@ -32,8 +30,9 @@ from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
-from celery_tx.driver import binding, dispatch
-from celery_tx.driver.messages import StepMessage
+from celery_tx.driver import Event, start_rollback
+from celery_tx.drivers.celery_tasks import binding, dispatch
+from celery_tx.drivers.celery_tasks.messages import StepMessage
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
@@ -42,10 +41,6 @@ logger = logging.getLogger("celery_tx.worker")
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=30.0)
 _STARTABLE = (StepStatus.PENDING, StepStatus.RUNNING)
 _TO_UNDO = (StepStatus.RUNNING, StepStatus.DONE, StepStatus.FAILED, StepStatus.COMPENSATING)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -66,7 +61,6 @@ def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dic
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-Event = Callable[[Outcome], Outcome]
 
 
 def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
@@ -79,13 +73,13 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         return step.result
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
-    if tx.deadline is not None and _now() > tx.deadline:
+    if tx.deadline is not None and journal.clock() > tx.deadline:
         _abort_past_deadline(task, journal, tx, position)
     if step.status is StepStatus.PENDING or _redelivered(task):
         # The first step (and one nobody marked) is journaled RUNNING here; the
         # others were, by the write that ended the step before. A redelivery
         # counts its attempt here too, before the function runs.
-        tx = _apply_or_too_late(journal, tx, position, "action", _start(position))
+        tx = _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
     attempt = tx.steps[position].attempts
     context = StepContext(transaction_id=tx.id, step=step.name, phase="action", attempt=attempt)
     try:
@@ -95,7 +89,7 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         # Celery's own retry (autoretry_for, self.retry) has sent the next
         # attempt already; the step stays RUNNING, so it is accounted for, and
         # the attempt is counted here.
-        _apply_or_too_late(journal, tx, position, "action", _start(position))
+        _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
         raise
     except task.celery_tx_retry_for as exc:
         policy = task.celery_tx_retry or RetryPolicy()
@@ -107,13 +101,14 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
             *(step.name, delay, exc),
             extra=tx_extra(tx.id, step.name),
         )
-        _apply_or_too_late(journal, tx, position, "action", _start(position))
+        _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
         raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
     # One write ends this step and starts the next (or commits): the next
     # step's message is sent only after this returns, so it is RUNNING in the
     # journal before it can have an effect. Aborted meanwhile: the step stays
     # RUNNING, so it is compensated.
-    tx = _apply_or_too_late(journal, tx, position, "action", _advance(position, recordable(result)))
+    advance = _advance(journal, position, recordable(result))
+    tx = _apply_or_too_late(journal, tx, position, "action", advance)
     if tx.status is TxStatus.COMMITTED:
         logger.info("transaction committed", extra=tx_extra(tx.id))
     return result
@@ -128,21 +123,25 @@ def _abort_past_deadline(task: Any, journal: Journal, tx: Outcome, position: int
     running = tx.steps[position].name if tx.steps[position].status is StepStatus.RUNNING else None
 
     def abort(t: Outcome) -> Outcome:
-        return tr.begin_compensation(t, _now(), failed_step=running, error=error)
+        return tr.begin_compensation(t, journal.clock(), failed_step=running, error=error)
 
-    tx = _apply_or_too_late(journal, tx, position, "action", abort)
+    def compensate(t: Outcome) -> Outcome:
+        return dispatch.send_compensations(task.app, journal, t)
+
+    try:
+        start_rollback(journal, tx, abort, compensate)
+    except TransactionStateError:  # moved on meanwhile: as a late message
+        _too_late(journal.load(tx.id) or tx, position, "action")
     logger.warning("rolling back: %s", error, extra=tx_extra(tx.id, running))
-    if tx.status is TxStatus.COMPENSATING:
-        dispatch.send_compensations(task.app, journal, tx)
     raise Ignore()
 
 
-def _start(position: int) -> Event:
-    return lambda tx: tr.start_action(tx, position, _now())
+def _start(journal: Journal, position: int) -> Event:
+    return lambda tx: tr.start_action(tx, position, journal.clock())
 
 
-def _advance(position: int, result: Any) -> Event:
-    return lambda tx: tr.advance(tx, position, result, _now())
+def _advance(journal: Journal, position: int, result: Any) -> Event:
+    return lambda tx: tr.advance(tx, position, result, journal.clock())
 
 
 def _apply_or_too_late(
@@ -169,7 +168,11 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
         # Compensated (or skipped) already: a redelivery. The chain goes on.
         return
     tx = _apply_or_too_late(
-        journal, tx, position, "compensation", lambda t: tr.start_compensation(t, position, _now())
+        journal,
+        tx,
+        position,
+        "compensation",
+        lambda t: tr.start_compensation(t, position, journal.clock()),
     )
     attempt = tx.steps[position].compensation_attempts
     context = StepContext(
@@ -201,9 +204,9 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
             exc_info=exc,
             extra=extra,
         )
-        tx = journal.apply(tx, lambda t: tr.fail_compensation(t, position, error, _now()))
+        tx = journal.apply(tx, lambda t: tr.fail_compensation(t, position, error, journal.clock()))
     else:
-        tx = journal.apply(tx, lambda t: tr.finish_compensation(t, position, _now()))
+        tx = journal.apply(tx, lambda t: tr.finish_compensation(t, position, journal.clock()))
     if tx.is_final:
         level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
         logger.log(level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id))

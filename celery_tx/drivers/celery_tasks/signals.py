@@ -11,7 +11,7 @@ Connect to it as to any Celery signal::
     def on_finished(sender, outcome, **kwargs): ...
 
 Delivery is at most once: the journal tells each write that lands to the
-process that made it (``Journal.observe``), so it is sent once, and a process
+process that made it (``celery_tx.store.observers``), so it is sent once, and a process
 that dies between the final write and the signal sends none. A receiver that
 must not miss one also reconciles from the journal (the example shop's
 ``settle_orders`` does). Celery logs and swallows
@@ -22,21 +22,15 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-from celery_tx.core.outcome import Outcome
-from celery_tx.driver import messages
-from celery_tx.store.journal import observe
+from celery_tx.drivers.celery_tasks.messages import KIND
+from celery_tx.store.observers import Write
 
 transaction_finished = Signal(name="transaction_finished")
 
 
-def _on_write(before: Outcome, after: Outcome) -> None:
-    """Send ``transaction_finished`` when this write made a Celery transaction final."""
-    if after.is_final and not before.is_final and _is_celery(after):
+def send_when_finished(write: Write) -> None:
+    """The journal observer that sends ``transaction_finished`` when this write made a
+    Celery transaction final (installed by ``hooks.install``)."""
+    before, after = write.before, write.after
+    if after.is_final and not before.is_final and after.driver == KIND:
         transaction_finished.send(sender=after.name, outcome=after)
-
-
-def _is_celery(tx: Outcome) -> bool:
-    return tx.driver == "celery" or bool(tx.steps and messages.is_celery_step(tx.steps[0].action))
-
-
-observe(_on_write)

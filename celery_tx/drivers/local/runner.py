@@ -30,7 +30,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from celery_tx.context import Phase, StepContext, running_step
@@ -39,6 +38,7 @@ from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
 from celery_tx.core.values import describe_error, recordable
+from celery_tx.driver import Event, start_rollback
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
@@ -51,9 +51,6 @@ class LocalCall:
 
     action: Callable[[], Any]
     compensation: Callable[[], Any]
-
-
-Event = Callable[[Outcome], Outcome]
 
 
 class LocalRunner:
@@ -69,19 +66,18 @@ class LocalRunner:
         self,
         journal: Journal,
         *,
-        clock: Callable[[], datetime],
         sleep: Callable[[float], None] = time.sleep,
         retry: RetryPolicy,
     ) -> None:
         self.journal = journal
-        self.clock = clock
+        self.clock = journal.clock
         self.sleep = sleep
         self.retry = retry
 
     def run_actions(self, tx: Outcome, calls: Sequence[LocalCall], start: int = 0) -> Outcome:
         """Call the actions of a RUNNING transaction from step ``start``, which is RUNNING."""
         results: dict[int, Any] = {}
-        interrupt: BaseException | None = None
+        failed: tuple[int, BaseException] | None = None
         for position, call in enumerate(calls):
             if position < start:  # DONE before a recovery resumed the rest
                 continue
@@ -89,20 +85,50 @@ class LocalRunner:
                 with running_step(self._context(tx, position, "action")):
                     results[position] = call.action()
             except BaseException as exc:  # re-raised once compensated
-                interrupt = None if isinstance(exc, Exception) else exc
-                try:
-                    tx = self._fail_action(tx, position, exc)
-                except Exception as journal_error:
-                    if interrupt is not None:  # the interrupt stays what the caller sees
-                        raise interrupt from journal_error
-                    raise
+                failed = (position, exc)
                 break
             tx = self.journal.apply(tx, self._advance(position, recordable(results[position])))
-        else:
+        if failed is None:
             logger.info("transaction committed", extra=tx_extra(tx.id))
             return tx
         # Outside the except block, so compensation errors do not chain onto it.
-        tx = self.run_compensations(tx, calls, results)
+        return self._roll_back(tx, calls, results, *failed)
+
+    def _roll_back(
+        self,
+        tx: Outcome,
+        calls: Sequence[LocalCall],
+        results: dict[int, Any],
+        position: int,
+        exc: BaseException,
+    ) -> Outcome:
+        """The action at ``position`` raised ``exc``: journal it and compensate.
+
+        An interrupt (``KeyboardInterrupt``, ``SystemExit``) is raised again once
+        the transaction is final, and stays what the caller sees even when the
+        journal fails meanwhile.
+        """
+        interrupt = None if isinstance(exc, Exception) else exc
+        name = tx.steps[position].name
+        error = describe_error(exc)
+        logger.warning(
+            "action of %r failed, rolling back: %s",
+            name,
+            error,
+            exc_info=exc,
+            extra=tx_extra(tx.id, name),
+        )
+        try:
+            tx = start_rollback(
+                self.journal,
+                tx,
+                lambda t: tr.fail_action(t, position, error, self.clock()),
+                lambda t: self.run_compensations(t, calls, results),
+            )
+        except Exception as journal_error:
+            if interrupt is not None:
+                raise interrupt from journal_error
+            raise
         if interrupt is not None:
             raise interrupt
         return tx
@@ -120,18 +146,6 @@ class LocalRunner:
             attempt=attempt,
             action_result=action_result,
         )
-
-    def _fail_action(self, tx: Outcome, position: int, exc: BaseException) -> Outcome:
-        name = tx.steps[position].name
-        error = describe_error(exc)
-        logger.warning(
-            "action of %r failed, rolling back: %s",
-            name,
-            error,
-            exc_info=exc,
-            extra=tx_extra(tx.id, name),
-        )
-        return self.journal.apply(tx, lambda t: tr.fail_action(t, position, error, self.clock()))
 
     def _advance(self, position: int, result: Any) -> Event:
         return lambda tx: tr.advance(tx, position, result, self.clock())

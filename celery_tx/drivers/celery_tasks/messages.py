@@ -22,7 +22,7 @@ from kombu.utils.json import loads as _kombu_loads
 from celery_tx.context import Phase
 from celery_tx.core.errors import InvalidArgument, InvalidParticipant
 from celery_tx.core.outcome import Outcome
-from celery_tx.driver import registry
+from celery_tx.drivers.celery_tasks import registry
 
 KIND = "celery"
 TX_ID = "celery_tx_id"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import chain, current_task, shared_task
@@ -24,17 +23,14 @@ from celery_tx.core.errors import InvalidParticipant, TransactionStateError
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error
-from celery_tx.driver import binding, messages
+from celery_tx.driver import start_rollback
+from celery_tx.drivers.celery_tasks import binding, messages
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.dispatch")
 
 STEP_FAILED = "celery_tx.step_failed"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def action_signatures(app: Any, tx: Outcome) -> list[Signature]:
@@ -64,15 +60,15 @@ def send_compensations(app: Any, journal: Journal, tx: Outcome) -> Outcome:
             signatures.append(messages.build_signature(app, tx, position, "compensation"))
         except InvalidParticipant as exc:
             logger.error("%s", exc, extra=tx_extra(tx.id, tx.steps[position].name))
-            tx = journal.apply(tx, _refuse_compensation(position, str(exc)))
+            tx = journal.apply(tx, _refuse_compensation(journal, position, str(exc)))
     if signatures:
         chain(*signatures, app=app).apply_async()
     return tx
 
 
-def _refuse_compensation(position: int, why: str) -> Any:
+def _refuse_compensation(journal: Journal, position: int, why: str) -> Any:
     def event(tx: Outcome) -> Outcome:
-        now = _now()
+        now = journal.clock()
         tx = tr.start_compensation(tx, position, now)
         return tr.fail_compensation(tx, position, f"refused: {why}", now)
 
@@ -113,7 +109,7 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
     position = step.position
 
     def fail(tx: Outcome) -> Outcome:
-        now = _now()
+        now = journal.clock()
         if tx.steps[position].status is StepStatus.RUNNING:
             return tr.fail_action(tx, position, error, now)
         if tx.steps[position].status is StepStatus.PENDING:  # failed before it started
@@ -121,12 +117,10 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
         raise TransactionStateError(f"step {name!r} is {tx.steps[position].status} now")
 
     try:
-        tx = journal.apply(tx, fail)
+        start_rollback(journal, tx, fail, lambda t: send_compensations(app, journal, t))
     except TransactionStateError:  # another errback, a sweep or an operator won
         logger.info("errback lost the race to roll back", extra=tx_extra(tx.id, name))
         return
     logger.warning(
         "action of %r failed, rolling back: %s", name, error, extra=tx_extra(tx.id, name)
     )
-    if tx.status is TxStatus.COMPENSATING:
-        send_compensations(app, journal, tx)

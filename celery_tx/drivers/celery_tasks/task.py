@@ -11,7 +11,7 @@ from celery import shared_task
 
 from celery_tx.core.errors import InvalidArgument, InvalidParticipant
 from celery_tx.core.retry import RetryPolicy
-from celery_tx.driver import messages, registry, worker
+from celery_tx.drivers.celery_tasks import hooks, messages, registry, worker
 
 
 class ParticipantTask(celery.Task):  # type: ignore[misc]  # Celery ships no type hints
@@ -39,6 +39,12 @@ class ParticipantTask(celery.Task):  # type: ignore[misc]  # Celery ships no typ
     """Exceptions that mean "try again later" (an action) rather than a failure."""
     celery_tx_retry: RetryPolicy | None = None
     """How an action's transient errors, or a compensation's errors, are retried."""
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Celery's hook when the task is bound to an app: the app's workers sweep,
+        and log which transaction each line is about (``hooks.install``)."""
+        hooks.install(app)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         message = messages.pop_step_message(kwargs)

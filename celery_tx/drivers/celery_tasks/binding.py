@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from celery_tx.clock import Clock, utc_now
 from celery_tx.core.errors import InvalidArgument
 from celery_tx.store import Journal
 from celery_tx.store.engine import resolve_database_url
@@ -29,22 +30,29 @@ def database_url_for(app: Any, database_url: str | URL | None = None) -> URL:
     return resolve_database_url(database_url or app.conf.get(CONFIG_KEY))
 
 
-def journal_for(app: Any, database_url: str | URL | None = None) -> Journal:
-    """The journal bound to ``app``, created on first use.
+def journal_for(
+    app: Any, database_url: str | URL | None = None, clock: Clock | None = None
+) -> Journal:
+    """The journal bound to ``app``, created on first use (with ``clock``, if given).
 
-    Asking for another database than the one already bound is refused: the
-    workers of one app must all write to one journal.
+    Asking for another database, or another clock, than the journal already
+    bound has is refused: the workers of one app all write to one journal.
     """
-    if database_url is None and (bound := _journals.get(app)) is not None:
+    if database_url is None and clock is None and (bound := _journals.get(app)) is not None:
         return bound  # every step asks: skip reading the configuration
     url = database_url_for(app, database_url)
     with _lock:
         journal = _journals.get(app)
         if journal is None:
-            journal = _journals[app] = Journal(url)
+            journal = _journals[app] = Journal(url, clock=clock or utc_now)
         elif journal.url != url:
             raise InvalidArgument(
                 f"Celery app {app.main!r} already journals to {journal.url!r}, "
                 f"not {url!r}: one app, one journal"
+            )
+        elif clock is not None and journal.clock is not clock:
+            raise InvalidArgument(
+                f"Celery app {app.main!r} already journals with the clock {journal.clock!r}, "
+                f"not {clock!r}: one app, one journal, one clock"
             )
         return journal

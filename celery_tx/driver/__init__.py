@@ -1,1 +1,0 @@
-"""The Celery driver: participants are Celery tasks journaled around the user's function."""

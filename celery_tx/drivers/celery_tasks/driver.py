@@ -1,0 +1,211 @@
+"""``CeleryDriver``: participants are ``@participant`` tasks, run by Celery workers.
+
+commit journals the transaction RUNNING (a flushed write), then sends
+``chain(action_1, ..., action_n)`` with ``dispatch.step_failed`` as its errback;
+the workers journal each step around the user's function (``worker``), and the
+last action's write commits. Resuming and compensating send chains too.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery.canvas import Signature
+
+from celery_tx.core import transitions as tr
+from celery_tx.core.errors import (
+    BrokerUnavailable,
+    InvalidParticipant,
+    ParticipantNotResolvable,
+    TransactionStateError,
+)
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.retry import RetryPolicy
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver import Registration, start_rollback
+from celery_tx.drivers.celery_tasks import dispatch, messages
+from celery_tx.drivers.celery_tasks.messages import KIND
+from celery_tx.handles import CommitHandle
+from celery_tx.logs import tx_extra
+from celery_tx.store import Journal
+
+logger = logging.getLogger("celery_tx.dispatch")
+
+
+class CeleryDriver:
+    """Sends transactions of participant tasks to ``app``'s workers.
+
+    Without an app a process can still register signatures (they are checked
+    against the declared participants) and read their transactions, but not
+    start, resume or compensate them.
+    """
+
+    kind = KIND
+    participants = "Celery tasks"
+
+    def __init__(self, journal: Journal, app: Any = None) -> None:
+        self.journal = journal
+        self.app = app
+
+    @property
+    def available(self) -> bool:
+        """Only with an app to send with."""
+        return self.app is not None
+
+    # -- registering ---------------------------------------------------------
+
+    def accepts(self, commit_function: object, rollback_function: object) -> bool:
+        """Either function is a Celery signature."""
+        return isinstance(commit_function, Signature) or isinstance(rollback_function, Signature)
+
+    def describe(
+        self,
+        service_name: str,
+        commit_function: Any,
+        rollback_function: Any,
+        rollback_retry: RetryPolicy | None,
+    ) -> Registration:
+        """The signatures' journal form: task names and their JSON arguments.
+
+        Without ``rollback_function`` the action's declared compensation is
+        called with the same arguments.
+        """
+        if not isinstance(commit_function, Signature):
+            raise InvalidParticipant(
+                "commit_function is a plain callable but rollback_function a Celery "
+                "signature; a participant is two participant tasks or two callables"
+            )
+        action = messages.describe(commit_function, role="action", what="commit_function")
+        compensation = (
+            messages.paired_compensation(action, "commit_function")
+            if rollback_function is None
+            else messages.describe(rollback_function, role="compensation", what="rollback_function")
+        )
+        step = StepOutcome(
+            position=0,
+            name=service_name,
+            status=StepStatus.PENDING,
+            action=action,
+            compensation=compensation,
+            retry=rollback_retry,
+        )
+        return Registration(KIND, step)
+
+    @contextmanager
+    def holding(self, tx_id: uuid.UUID, registration: Registration) -> Iterator[None]:
+        """Nothing to hold: the journal says all a worker needs."""
+        yield
+
+    def forget(self, tx_id: uuid.UUID) -> None:
+        """Nothing is held."""
+
+    # -- running -------------------------------------------------------------
+
+    def commit(self, tx: Outcome, timeout: float | None) -> Outcome:
+        """Send the transaction, then wait for the workers to end it."""
+        return self.commit_async(tx).wait(timeout)
+
+    def commit_async(self, tx: Outcome) -> CommitHandle:
+        """Journal the transaction RUNNING and send its chain of actions."""
+        app = self.app
+        if app is None:
+            raise ParticipantNotResolvable(
+                f"transaction {tx.id} has Celery task participants: commit it with "
+                "TransactionCoordinator(app=...)"
+            )
+        signatures: list[Signature] = []
+
+        def start(current: Outcome) -> Outcome:
+            tr.require_pending(current, "commit")
+            # Built for the very snapshot started: a step naming a task that is
+            # not a participant here stops the commit before anything is journaled.
+            signatures[:] = dispatch.action_signatures(app, current)
+            # The first step stays PENDING until its worker journals it RUNNING:
+            # if the chain cannot be sent, nothing has started and the rollback
+            # is complete at once.
+            return tr.start_commit(current, self.journal.clock())
+
+        # Durable: the workers' effects may begin as soon as the chain is sent.
+        tx = self.journal.apply(tx, start, durable=True)
+        if tx.status is TxStatus.RUNNING:
+            try:
+                dispatch.send_actions(app, tx, signatures)
+            except Exception as exc:
+                self._unsent(tx, exc)
+            logger.info("transaction committing", extra=tx_extra(tx.id))
+        return CommitHandle(tx.id, self.journal)
+
+    def _unsent(self, tx: Outcome, exc: Exception) -> None:
+        """The chain could not be sent: roll back what (nothing, unless a worker got it) ran."""
+        error = f"the broker refused the transaction's first task: {exc!r}"
+        logger.error("%s", error, extra=tx_extra(tx.id))
+
+        def abort(current: Outcome) -> Outcome:
+            return tr.begin_compensation(
+                current, self.journal.clock(), failed_step=None, error=error
+            )
+
+        try:
+            tx = start_rollback(self.journal, tx, abort, self._compensate_or_leave)
+        except TransactionStateError:
+            # A worker got the message after all and moved it on: whoever won the
+            # move to COMPENSATING sends the compensations, never this call too.
+            tx = self.journal.load(tx.id) or tx
+        raise BrokerUnavailable(
+            f"could not send transaction {tx.id} to the broker ({exc!r}); it is {tx.status}"
+        ) from exc
+
+    def _compensate_or_leave(self, tx: Outcome) -> Outcome:
+        try:  # a step did start; if the broker is still down, the sweep finishes it
+            return self.compensate(tx)
+        except Exception:
+            logger.exception("could not send compensations", extra=tx_extra(tx.id))
+            return tx
+
+    def check(self, tx: Outcome, *, strict: bool = False) -> None:
+        """An app to send with; ``strict``: also a participant task of this process's
+        app for every action and compensation the journal names."""
+        if self.app is None:
+            raise ParticipantNotResolvable(
+                f"transaction {tx.id} has Celery task participants: this needs "
+                "TransactionCoordinator(app=...) (celery -A proj tx ...)"
+            )
+        if not strict:
+            return
+        messages.import_participants(self.app)
+        for step in tx.steps:  # a task this process does not know would be refused later
+            for phase in ("action", "compensation"):
+                try:
+                    messages.build_signature(self.app, tx, step.position, phase)
+                except InvalidParticipant as exc:
+                    raise ParticipantNotResolvable(
+                        f"{exc}: run this with the app whose workers run it (celery -A proj tx)"
+                    ) from exc
+
+    def resume(self, tx: Outcome, position: int) -> Outcome:
+        """Send the actions from ``position`` on, as one chain."""
+        signatures = dispatch.action_signatures(self.app, tx)[position:]
+        dispatch.send_actions(self.app, tx, signatures)
+        return tx
+
+    def compensate(self, tx: Outcome) -> Outcome:
+        """Send the compensations still due, as one chain."""
+        return dispatch.send_compensations(self.app, self.journal, tx)
+
+    def time_limit(self, step: StepOutcome) -> float | None:
+        """A step's hard time limit: its signature's, else its task's, else the app's."""
+        if self.app is None:
+            return None
+        task = self.app.tasks.get(step.action.get("task"))
+        for limit in (
+            step.action.get("options", {}).get("time_limit"),
+            getattr(task, "time_limit", None),
+            self.app.conf.get("task_time_limit"),
+        ):
+            if limit is not None:
+                return float(limit)
+        return None

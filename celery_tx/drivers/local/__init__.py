@@ -1,0 +1,1 @@
+"""The in-process driver: participants given as plain Python callables (``LocalDriver``)."""

@@ -1,1 +1,0 @@
-"""The in-process driver: participants given as plain Python callables."""

@@ -1,0 +1,89 @@
+"""Which transactions a sweep looks at: leased candidates, and running steps.
+
+Kept apart from ``Journal``'s hot path: the sweeps run on a timer, never per step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.store import schema
+from celery_tx.store.journal import Journal
+
+_t = schema.transactions
+_s = schema.steps
+
+
+def claim(
+    journal: Journal,
+    *,
+    statuses: Sequence[TxStatus],
+    drivers: Sequence[str],
+    lease: float,
+    limit: int,
+    deadline_before: datetime | None = None,
+    updated_before: datetime | None = None,
+) -> list[uuid.UUID]:
+    """Lease up to ``limit`` transactions a sweep should look at; their ids.
+
+    Candidates have one of ``statuses`` and ``drivers``, a deadline before
+    ``deadline_before`` and/or a last write before ``updated_before``, and no
+    other sweep's lease running (by the journal's clock). Each is leased for
+    ``lease`` seconds in the same statement: concurrent sweeps get disjoint
+    sets (on PostgreSQL rows another sweep is claiming are skipped, not waited
+    for: ``FOR UPDATE SKIP LOCKED``; SQLite serialises the claims). The lease
+    only spreads the work: every change a sweep then makes is still a
+    compare-and-set.
+    """
+    now = journal.clock()
+    candidates = sa.select(_t.c.id).where(
+        _t.c.status.in_([s.value for s in statuses]),
+        _t.c.driver.in_(list(drivers)),
+        sa.or_(_t.c.claimed_until.is_(None), _t.c.claimed_until < now),
+    )
+    if deadline_before is not None:
+        candidates = candidates.where(_t.c.deadline_at < deadline_before)
+    if updated_before is not None:
+        # NULL from a writer older than schema 2 (a rolling upgrade): its
+        # creation time stands in, so such a transaction is still found.
+        last_write = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
+        candidates = candidates.where(last_write < updated_before)
+    candidates = candidates.order_by(_t.c.created_at).limit(limit)
+    candidates = candidates.with_for_update(skip_locked=True)  # SQLite renders none
+    statement = (
+        sa.update(_t)
+        .where(_t.c.id.in_(candidates.scalar_subquery()))
+        .values(claimed_until=now + timedelta(seconds=lease))
+        .returning(_t.c.id)
+    )
+
+    def statements(conn: Connection) -> list[uuid.UUID]:
+        return list(conn.execute(statement).scalars())
+
+    return journal.run(statements, write=True)
+
+
+def running_steps(journal: Journal, *, drivers: Sequence[str], limit: int) -> list[uuid.UUID]:
+    """RUNNING transactions with a RUNNING step, the longest-running step first."""
+    statement = (
+        sa.select(_t.c.id)
+        .join(_s, _s.c.tx_id == _t.c.id)
+        .where(
+            _t.c.status == TxStatus.RUNNING.value,
+            _t.c.driver.in_(list(drivers)),
+            _s.c.status == StepStatus.RUNNING.value,
+        )
+        .order_by(_s.c.started_at)
+        .limit(limit)
+    )
+
+    def statements(conn: Connection) -> list[uuid.UUID]:
+        return list(conn.execute(statement).scalars())
+
+    return journal.run(statements, write=False)

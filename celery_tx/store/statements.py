@@ -1,0 +1,180 @@
+"""The journal's SQL, built once: the statements every read and write uses.
+
+Reads find their compiled form in SQLAlchemy's cache; writes go through
+``Prepared``, compiled once per dialect and set of parameter names, because on
+SQLite SQLAlchemy's per-call machinery costs more than the statement itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.store import rows, schema
+
+_t = schema.transactions
+_s = schema.steps
+
+INSERT_TX = _t.insert()
+INSERT_STEPS = _s.insert()
+UPDATE_STEP = (
+    sa.update(_s)
+    .where(_s.c.tx_id == sa.bindparam("b_tx_id"), _s.c.position == sa.bindparam("b_position"))
+    .execution_options(synchronize_session=False)
+)
+# The compare-and-set every write starts with; the SET clause comes from the
+# parameters' keys.
+CAS_TX = sa.update(_t).where(
+    _t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version")
+)
+# A transaction and its steps in one statement: one round trip, and one
+# snapshot of both tables on every database without a read transaction.
+LOAD = (
+    sa.select(_t, _s)
+    .outerjoin(_s, _s.c.tx_id == _t.c.id)
+    .where(_t.c.id == sa.bindparam("tx_id"))
+    .order_by(_s.c.position)
+    .set_label_style(sa.LABEL_STYLE_TABLENAME_PLUS_COL)
+)
+STATUS = sa.select(_t.c.status).where(_t.c.id == sa.bindparam("tx_id"))
+TX_LABELS = [(f"{_t.name}_{c.name}", c.name) for c in _t.columns]
+STEP_LABELS = [(f"{_s.name}_{c.name}", c.name) for c in _s.columns]
+STEP_POSITION = f"{_s.name}_position"
+
+
+def one_statement_save(tx_keys: tuple[str, ...], changed: int, added: int) -> sa.Select[Any]:
+    """``WITH cas AS (UPDATE tx ... RETURNING id), u0 AS (UPDATE step ...), ...
+    SELECT count(*) FROM cas``: step writes join ``cas``, so they happen only
+    when the compare-and-set matched."""
+
+    def bind(table: sa.Table, column: str, name: str) -> sa.BindParameter[Any]:
+        return sa.bindparam(name, type_=table.c[column].type)
+
+    cas = (
+        sa.update(_t)
+        .where(_t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version"))
+        .values({k: bind(_t, k, k) for k in ("version", *tx_keys)})
+        .returning(_t.c.id)
+        .cte("cas")
+    )
+    statement = sa.select(sa.func.count()).select_from(cas)
+    cas_id = sa.select(cas.c.id).scalar_subquery()
+    for i in range(changed):
+        update = (
+            sa.update(_s)
+            .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam(f"u{i}_b_position"))
+            .values({c: bind(_s, c, f"u{i}_{c}") for c in rows.STEP_MUTABLE_COLUMNS})
+            .returning(_s.c.position)
+            .cte(f"u{i}")
+        )
+        statement = statement.add_cte(update)
+    columns = [c.name for c in _s.columns if c.name != "tx_id"]
+    for i in range(added):
+        # INSERT ... SELECT from cas: typed casts, as a SELECT list gives no types.
+        values = [sa.cast(bind(_s, c, f"a{i}_{c}"), _s.c[c].type) for c in columns]
+        insert = (
+            sa.insert(_s)
+            .from_select(["tx_id", *columns], sa.select(cas.c.id, *values))
+            .returning(_s.c.position)
+            .cte(f"a{i}")
+        )
+        statement = statement.add_cte(insert)
+    return statement
+
+
+class Prepared:
+    """A write statement compiled once for a dialect and a set of parameter names.
+
+    Writes go through ``Connection.exec_driver_sql`` with parameters converted by
+    SQLAlchemy's own bind processors of each column type: the same SQL, stored
+    values, error wrapping and cursor events as ``Connection.execute``, without
+    its per-call cache key, compiled-cache lookup and parameter machinery, which
+    cost more than the statement itself on SQLite.
+    """
+
+    __slots__ = ("_order", "_processors", "sql")
+
+    def __init__(
+        self, statement: sa.ClauseElement, dialect: Dialect, keys: tuple[str, ...]
+    ) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=list(keys)))
+        self.sql = compiled.string
+        self._processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self._processors[name] = processor
+        # Positional paramstyles (SQLite's qmark) take a tuple in placeholder order.
+        self._order: list[tuple[str, Callable[[Any], Any] | None]] | None = (
+            [(name, self._processors.get(name)) for name in compiled.positiontup or ()]
+            if compiled.positional
+            else None
+        )
+
+    def parameters(self, values: dict[str, Any]) -> Any:
+        """``values`` converted for the driver."""
+        if self._order is not None:
+            return tuple([values[n] if p is None else p(values[n]) for n, p in self._order])
+        processors = self._processors
+        return {n: v if (p := processors.get(n)) is None else p(v) for n, v in values.items()}
+
+
+_ONE_STATEMENT = sa.text("one statement save")  # marks its shapes among the prepared
+
+
+class PreparedWrites:
+    """The journal's write statements, each compiled once for one dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._prepared: dict[tuple[Any, ...], Prepared] = {}
+
+    def _get(self, key: tuple[Any, ...], build: Callable[[], sa.ClauseElement]) -> Prepared:
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            keys = () if key[0] is _ONE_STATEMENT else key[1]
+            prepared = self._prepared.setdefault(key, Prepared(build(), self._dialect, keys))
+        return prepared
+
+    def execute(
+        self,
+        conn: Connection,
+        statement: sa.ClauseElement,
+        values: dict[str, Any] | list[dict[str, Any]],
+    ) -> sa.CursorResult[Any]:
+        """Run a write statement with one set of values, or many (executemany)."""
+        first = values[0] if isinstance(values, list) else values
+        prepared = self._get((statement, tuple(first)), lambda: statement)
+        if isinstance(values, list):
+            return conn.exec_driver_sql(prepared.sql, [prepared.parameters(v) for v in values])
+        return conn.exec_driver_sql(prepared.sql, prepared.parameters(values))
+
+    def save_in_one_statement(
+        self,
+        conn: Connection,
+        *,
+        after: Outcome,
+        changes: dict[str, Any],
+        added: Sequence[StepOutcome],
+        changed: Sequence[StepOutcome],
+        version: int,
+    ) -> int:
+        """Run ``one_statement_save`` for a write from ``version``: 1 when it matched, else 0."""
+        keys = tuple(changes)
+        prepared = self._get(
+            (_ONE_STATEMENT, keys, len(changed), len(added)),
+            lambda: one_statement_save(keys, len(changed), len(added)),
+        )
+        values: dict[str, Any] = {"b_id": after.id, "b_version": version, "version": version + 1}
+        values.update(changes)
+        for i, step in enumerate(changed):
+            values.update({f"u{i}_{k}": v for k, v in rows.step_update_row(after.id, step).items()})
+        for i, step in enumerate(added):
+            values.update({f"a{i}_{k}": v for k, v in rows.step_to_row(after.id, step).items()})
+        matched = conn.exec_driver_sql(prepared.sql, prepared.parameters(values)).scalar()
+        return int(matched or 0)

@@ -1,0 +1,329 @@
+"""The sweeps: deadlines enforced, stalled transactions resumed, from the journal alone.
+
+Two sweeps, each safe to run in any number of processes at once:
+
+- ``reap``: a transaction still PENDING or RUNNING past its deadline is rolled
+  back. A PENDING one ends ROLLED_BACK (nothing ran); a RUNNING one is
+  compensated, its RUNNING step counted as possibly applied.
+- ``recover``: a RUNNING or COMPENSATING transaction whose journal has not
+  changed for ``stalled_after`` seconds (its message was lost with a broker,
+  its process died between two writes, a retry could not be published) goes on
+  from where the journal says: the current action again, then the rest, or the
+  remaining compensations.
+
+Each sweep leases its candidates (``store.candidates.claim``) so concurrent
+sweeps share the work, then moves each with one compare-and-set write, on the
+very version it read, before doing anything: a sweep that loses that write to
+a worker, another sweep or an operator leaves the transaction alone. Resuming
+is at least once: a step may run again, even alongside its compensation when a
+rollback overtakes it; ``barrier()`` makes both harmless (an idempotency key
+alone cannot stop an action that arrives after its compensation).
+
+What to run is the transaction's driver's business (``celery_tx.driver``): the
+sweeper is given the journal and the drivers of its process, and claims only
+the kinds they can run. ``sweep_forever`` is the one loop every background
+sweep runs in (a coordinator's ``start_sweeping``, each Celery worker's).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from celery_tx.core import transitions as tr
+from celery_tx.core.causes import Cause
+from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.driver import Driver, Drivers, Event, start_rollback
+from celery_tx.logs import tx_extra
+from celery_tx.store import Journal, candidates
+
+logger = logging.getLogger("celery_tx.recovery")
+
+DEFAULT_STALLED_AFTER = 300.0
+"""Seconds without a journal write after which a transaction counts as stalled."""
+_LEASE = 60.0
+_BATCH = 100
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did, transaction by transaction."""
+
+    rolled_back: list[uuid.UUID] = field(default_factory=list)
+    """Past their deadline: rolled back (or their compensations started)."""
+    resumed: list[uuid.UUID] = field(default_factory=list)
+    """Stalled: taken up again where the journal says."""
+    failed: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    """Could not be resumed (in-process callables nobody can import): ended FAILED."""
+    errors: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    """Left for the next sweep (the broker or journal did not answer)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.rolled_back or self.resumed or self.failed or self.errors)
+
+    def add(self, other: SweepReport) -> SweepReport:
+        """This report with ``other``'s entries appended."""
+        self.rolled_back += other.rolled_back
+        self.resumed += other.resumed
+        self.failed += other.failed
+        self.errors += other.errors
+        return self
+
+
+class Sweeper:
+    """The sweeps of one journal, for the drivers of this process.
+
+    ``step_limit`` gives a step's time limit in seconds (None: none), which
+    ``reap_overtime`` enforces; the Celery workers' sweeps set it.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        drivers: Drivers,
+        *,
+        step_limit: Callable[[StepOutcome], float | None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self.drivers = drivers
+        self.step_limit = step_limit
+
+    def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
+        """Reap, then (``overtime``) roll back steps past their time limit, then recover."""
+        report = self.reap()
+        if overtime:
+            report.add(self.reap_overtime())
+        return report.add(self.recover(stalled_after))
+
+    # -- deadlines -----------------------------------------------------------
+
+    def reap(self, limit: int = _BATCH) -> SweepReport:
+        """Roll back the transactions past their deadline (up to ``limit``)."""
+        report = SweepReport()
+        for tx_id in candidates.claim(
+            self.journal,
+            statuses=(TxStatus.PENDING, TxStatus.RUNNING),
+            drivers=self.drivers.available_kinds(),
+            lease=_LEASE,
+            limit=limit,
+            deadline_before=self.journal.clock(),
+        ):
+            self._guarded(tx_id, report, self._reap_one)
+        return report
+
+    def reap_overtime(self, limit: int = _BATCH) -> SweepReport:
+        """Roll back RUNNING transactions whose running step is past its time limit.
+
+        The journaled counterpart of Celery's time limits, for pools that do not
+        enforce them (threads, solo): the step's worker may still be running it,
+        so the step counts as possibly applied and is compensated; its late
+        result is then ignored. Where the pool enforces the limit, Celery's own
+        ``TimeLimitExceeded`` usually gets there first; either way, one
+        compare-and-set wins.
+        """
+        report = SweepReport()
+        if self.step_limit is None:
+            return report
+        # Read, not leased: a lease here would hide these very transactions
+        # from recover() (the same sweep, a moment later). Concurrent sweeps
+        # are kept apart by the compare-and-set below.
+        kinds = self.drivers.available_kinds()
+        for tx_id in candidates.running_steps(self.journal, drivers=kinds, limit=limit):
+            self._guarded(tx_id, report, self._reap_overtime_one)
+        return report
+
+    def _reap_overtime_one(self, tx: Outcome, report: SweepReport) -> None:
+        if self._driver(tx) is None or tx.status is not TxStatus.RUNNING or not self.step_limit:
+            return
+        step = tx.steps[tr.resume_point(tx)]
+        seconds = self.step_limit(step)
+        if step.status is not StepStatus.RUNNING or seconds is None or step.started_at is None:
+            return
+        if step.started_at + timedelta(seconds=seconds) >= self.journal.clock():
+            return
+        reason = f"step {step.name!r} ran past its time limit of {seconds:g} s"
+        self._roll_back(tx, report, step.name, reason)
+
+    def _reap_one(self, tx: Outcome, report: SweepReport) -> None:
+        if self._driver(tx) is None:
+            return
+        if tx.deadline is None or tx.deadline >= self.journal.clock() or tx.status.is_final:
+            return
+        reason = f"deadline {tx.deadline.isoformat()} passed"
+        if tx.status is TxStatus.PENDING:
+            roll_back = _unchanged(
+                tx, lambda t: tr.rollback_pending(t, self.journal.clock(), error=reason)
+            )
+            self.journal.apply(tx, roll_back, cause=Cause.ROLLED_BACK)
+            report.rolled_back.append(tx.id)
+            logger.warning("rolled back before commit: %s", reason, extra=tx_extra(tx.id))
+            return
+        running = next((s.name for s in tx.steps if s.status is StepStatus.RUNNING), None)
+        self._roll_back(tx, report, running, reason)
+
+    def _roll_back(
+        self, tx: Outcome, report: SweepReport, running: str | None, reason: str
+    ) -> None:
+        """Compensate a RUNNING transaction for ``reason``, its ``running`` step included."""
+
+        def abort(t: Outcome) -> Outcome:
+            return tr.begin_compensation(t, self.journal.clock(), failed_step=running, error=reason)
+
+        def compensate(t: Outcome) -> Outcome:
+            try:
+                return self._compensate(t, report)
+            except Exception as exc:  # rolled back all the same: the sweeps resend them
+                _left_for_later(t.id, report, exc)
+                return t
+
+        start_rollback(
+            self.journal,
+            tx,
+            _unchanged(tx, abort),
+            compensate,
+            durable=True,
+            cause=Cause.ROLLED_BACK,
+        )
+        report.rolled_back.append(tx.id)
+        logger.warning("rolling back: %s", reason, extra=tx_extra(tx.id, running))
+
+    # -- stalls --------------------------------------------------------------
+
+    def recover(
+        self, stalled_after: float = DEFAULT_STALLED_AFTER, limit: int = _BATCH
+    ) -> SweepReport:
+        """Resume the transactions without a journal write for ``stalled_after`` seconds."""
+        report = SweepReport()
+        for tx_id in candidates.claim(
+            self.journal,
+            statuses=(TxStatus.RUNNING, TxStatus.COMPENSATING),
+            drivers=self.drivers.available_kinds(),
+            lease=_LEASE,
+            limit=limit,
+            updated_before=self.journal.clock() - timedelta(seconds=stalled_after),
+        ):
+            self._guarded(tx_id, report, self.resume)
+        return report
+
+    def resume(self, tx: Outcome, report: SweepReport, cause: Cause = Cause.RESUMED) -> None:
+        """Take up a RUNNING or COMPENSATING transaction where the journal says,
+        if it is still the very version read (else ``TransactionStateError``)."""
+        driver = self._driver(tx)
+        if driver is None or not self._runnable(driver, tx, report):
+            return
+        if tx.status is TxStatus.RUNNING:
+            position = tr.resume_point(tx)
+            # Journaled before anything runs again: an attempt more, and the write
+            # only one sweep wins.
+            start = _unchanged(tx, lambda t: tr.start_action(t, position, self.journal.clock()))
+            tx = self.journal.apply(tx, start, cause=cause)
+            report.resumed.append(tx.id)
+            name = tx.steps[position].name
+            logger.warning("resuming the actions at %r", name, extra=tx_extra(tx.id))
+            driver.resume(tx, position)
+        elif tx.status is TxStatus.COMPENSATING:
+            resume = _unchanged(tx, lambda t: tr.resume_compensations(t, self.journal.clock()))
+            tx = self.journal.apply(tx, resume, cause=cause)
+            report.resumed.append(tx.id)
+            logger.warning("resuming the compensations", extra=tx_extra(tx.id))
+            if tx.status is TxStatus.COMPENSATING:
+                driver.compensate(tx)
+
+    def _compensate(self, tx: Outcome, report: SweepReport) -> Outcome:
+        """Run or send the compensations still due, if this process can."""
+        driver = self.drivers.of(tx)
+        return driver.compensate(tx) if self._runnable(driver, tx, report) else tx
+
+    def _runnable(self, driver: Driver, tx: Outcome, report: SweepReport) -> bool:
+        """True if ``driver`` can carry ``tx`` on here; else it is ended FAILED, reported."""
+        try:
+            driver.check(tx)
+        except ParticipantNotResolvable as exc:
+            reason = f"cannot be resumed by another process: {exc}"
+            self._abandon(tx, reason)
+            report.failed.append((tx.id, reason))
+            return False
+        return True
+
+    def _abandon(self, tx: Outcome, reason: str) -> None:
+        def give_up(t: Outcome) -> Outcome:
+            now = self.journal.clock()
+            if t.status is TxStatus.RUNNING:
+                t = tr.begin_compensation(t, now, failed_step=None, error=reason)
+            if t.status is TxStatus.COMPENSATING:
+                t = tr.abandon_compensations(t, reason, now)
+            return t
+
+        tx = self.journal.apply(tx, _unchanged(tx, give_up), durable=True, cause=Cause.ABANDONED)
+        logger.error("transaction %s: %s", tx.status, reason, extra=tx_extra(tx.id))
+
+    def _driver(self, tx: Outcome) -> Driver | None:
+        """The transaction's driver, when this process can run it: a sweep must not
+        journal a resumption or a rollback it then cannot carry out."""
+        if tx.driver not in self.drivers.available_kinds():
+            return None
+        return self.drivers.of(tx)
+
+    def _guarded(
+        self, tx_id: uuid.UUID, report: SweepReport, work: Callable[[Outcome, SweepReport], None]
+    ) -> None:
+        """One transaction's sweep: a lost race is nothing, a failure is reported, not raised."""
+        try:
+            tx = self.journal.load(tx_id)
+            if tx is not None:
+                work(tx, report)
+        except TransactionStateError:
+            logger.info("moved on meanwhile; left alone", extra=tx_extra(tx_id))
+        except Exception as exc:  # the journal's and the broker's, of many types
+            _left_for_later(tx_id, report, exc)
+
+
+def _left_for_later(tx_id: uuid.UUID, report: SweepReport, exc: Exception) -> None:
+    report.errors.append((tx_id, repr(exc)))
+    logger.warning("sweep left it for the next one: %r", exc, extra=tx_extra(tx_id))
+
+
+def _unchanged(read: Outcome, event: Event) -> Event:
+    """``event``, only on the very version the sweep decided on.
+
+    ``Journal.apply`` re-applies an event to the winner's state after a lost
+    race; for a sweep that state is not what it judged stalled or late (a
+    worker moved it on meanwhile), so the sweep leaves it alone instead.
+    """
+
+    def guarded(current: Outcome) -> Outcome:
+        if current.version != read.version:
+            raise TransactionStateError(f"transaction {read.id} moved on since the sweep read it")
+        return event(current)
+
+    return guarded
+
+
+def sweep_forever(sweep: Callable[[], object], interval: float, stop: threading.Event) -> None:
+    """Call ``sweep()`` now and then every ``interval`` seconds until ``stop`` is set.
+
+    A failing sweep is logged and the next one tries again: a sweep never ends
+    the loop.
+    """
+    while True:
+        try:
+            sweep()
+        except Exception:
+            logger.exception("sweep failed")
+        if stop.wait(interval):
+            return
+
+
+def start_sweeping(sweep: Callable[[], object], interval: float) -> threading.Event:
+    """Run ``sweep_forever`` on a daemon thread; set the returned event to stop it."""
+    stop = threading.Event()
+    threading.Thread(
+        target=sweep_forever, args=(sweep, interval, stop), name="celery-tx-sweeper", daemon=True
+    ).start()
+    return stop
