@@ -94,6 +94,11 @@ def age(what: str, value: float | timedelta) -> timedelta:
     return timedelta(seconds=value)
 
 
+def ago(now: datetime, what: str, value: float | timedelta | None) -> datetime | None:
+    """The moment ``value`` (an ``age``) before ``now``; None for None."""
+    return None if value is None else now - age(what, value)
+
+
 def statuses(status: TxStatus | str | Iterable[TxStatus | str] | None) -> tuple[TxStatus, ...]:
     """One status or several, as enums or their names in any case."""
     if status is None:

@@ -36,14 +36,11 @@ from celery_tx.handles import CommitHandle
 from celery_tx.ids import parse_tx_id
 from celery_tx.logs import tx_extra
 from celery_tx.operations import Operations
+from celery_tx.snapshots import Snapshots
 from celery_tx.store import Journal, queries
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
 logger = logging.getLogger("celery_tx.coordinator")
-
-# Snapshots cached per live transaction; beyond this many the oldest are dropped
-# (a cache miss only costs a read).
-_MAX_CACHED_SNAPSHOTS = 10_000
 
 
 class TransactionCoordinator:
@@ -89,7 +86,8 @@ class TransactionCoordinator:
         self.app = app
         """The Celery app whose workers run task participants (None: in-process only)."""
         self._journal = (
-            binding.journal_for(app, database_url, clock)
+            # An app shares one journal, and its clock, among its coordinators.
+            binding.journal_for(app, database_url, None if clock is utc_now else clock)
             if app is not None
             else Journal(database_url, clock=clock)
         )
@@ -98,15 +96,13 @@ class TransactionCoordinator:
         self._drivers = Drivers(CeleryDriver(self._journal, app), self._local)
         self._sweeper = Sweeper(self._journal, self._drivers)
         self._operations = Operations(
-            self._journal, self._drivers, self._sweeper, _setting(app, "celery_tx_stalled_after")
+            self._journal, self._drivers, self._sweeper, self._stalled_after
         )
-        # Latest snapshot this coordinator wrote, per live transaction: saves a read
-        # before each write. Only an optimisation; the version check keeps it honest.
-        self._snapshots: dict[uuid.UUID, Outcome] = {}
+        self._snapshots = Snapshots(self._journal)
         self._lock = threading.Lock()
         self._sweeping: threading.Event | None = None
         metrics.install_default()
-        hooks.install(app)
+        hooks.install(app)  # the Celery driver's, with or without an app
 
     @property
     def database_url(self) -> URL:
@@ -183,7 +179,7 @@ class TransactionCoordinator:
         registration = driver.describe(
             service_name, commit_function, rollback_function, rollback_retry
         )
-        snapshot = self._snapshot(tx_id)  # TransactionNotFound before anything is held
+        snapshot = self._snapshots.get(tx_id)  # TransactionNotFound before anything is held
         with driver.holding(tx_id, registration):
             self._remember(self._journal.apply(snapshot, self._drivers.adding(registration)))
         logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
@@ -213,9 +209,8 @@ class TransactionCoordinator:
 
     def _committing(self, tx_id: uuid.UUID) -> Outcome:
         """The snapshot to commit; the driver moves it on from here, so it is not kept."""
-        snapshot = self._snapshot(tx_id)
-        with self._lock:
-            self._snapshots.pop(tx_id, None)
+        snapshot = self._snapshots.get(tx_id)
+        self._snapshots.drop(tx_id)
         return snapshot
 
     def rollback_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
@@ -231,7 +226,7 @@ class TransactionCoordinator:
                 return tx  # already: whoever did it, the answer is the same
             return tr.rollback_pending(tx, self._journal.clock())
 
-        tx = self._journal.apply(self._snapshot(tx_id), roll_back, durable=True)
+        tx = self._journal.apply(self._snapshots.get(tx_id), roll_back, durable=True)
         self._remember(tx)
         logger.info("transaction rolled back before commit", extra=tx_extra(tx_id))
         return tx
@@ -268,12 +263,12 @@ class TransactionCoordinator:
         Celery transactions (with ``app``) are sent to the workers again.
         """
         if stalled_after is None:
-            stalled_after = self._operations.stalled_after
+            stalled_after = self._stalled_after()
         check_timeout(stalled_after, "stalled_after")
         return self._sweeper.recover(stalled_after, arguments.check_limit(limit))
 
     def start_sweeping(self, interval: float = 30.0, stalled_after: float | None = None) -> None:
-        """Run ``reap()`` and ``recover(stalled_after)`` now and every ``interval`` seconds.
+        """Run ``reap()`` and ``recover(stalled_after)`` every ``interval`` seconds.
 
         On a daemon thread of this process, until ``close()``: the in-process
         mode's counterpart of the sweeps every Celery worker runs. Calling it
@@ -288,7 +283,7 @@ class TransactionCoordinator:
 
         with self._lock:
             if self._sweeping is None:
-                self._sweeping = start_sweeping(sweep, interval)
+                self._sweeping = start_sweeping(sweep, interval, at_once=False)
 
     # -- operating it --------------------------------------------------------
 
@@ -349,12 +344,8 @@ class TransactionCoordinator:
         where = queries.Filter(
             statuses=arguments.statuses(status),
             name=arguments.optional_text("name", name),
-            created_before=None
-            if older_than is None
-            else now - arguments.age("older_than", older_than),
-            created_after=None
-            if newer_than is None
-            else now - arguments.age("newer_than", newer_than),
+            created_before=arguments.ago(now, "older_than", older_than),
+            created_after=arguments.ago(now, "newer_than", newer_than),
         )
         return queries.list_transactions(
             self._journal,
@@ -373,9 +364,7 @@ class TransactionCoordinator:
         that recently (seconds or a ``timedelta``); the counts are always of
         the whole journal.
         """
-        since = None
-        if finished_within is not None:
-            since = self._journal.clock() - arguments.age("finished_within", finished_within)
+        since = arguments.ago(self._journal.clock(), "finished_within", finished_within)
         found = queries.stats_rows(self._journal, finished_after=since)
         return tx_stats.compute(
             found.counts, found.durations, found.durations_by_name, found.oldest_open
@@ -395,26 +384,17 @@ class TransactionCoordinator:
 
     # -- internals -----------------------------------------------------------
 
-    def _snapshot(self, tx_id: uuid.UUID) -> Outcome:
-        return self._snapshots.get(tx_id) or self._journal.get(tx_id)
-
     def _remember(self, tx: Outcome) -> None:
         if tx.is_final:
             self._forget(tx.id)
-            return
-        with self._lock:
-            self._snapshots.pop(tx.id, None)  # re-insert: the newest is kept longest
-            self._snapshots[tx.id] = tx
-            while len(self._snapshots) > _MAX_CACHED_SNAPSHOTS:
-                del self._snapshots[next(iter(self._snapshots))]
+        else:
+            self._snapshots.keep(tx)
+
+    def _stalled_after(self) -> float:
+        """The app's ``celery_tx_stalled_after``, read when needed, else the default."""
+        value = self.app.conf.get("celery_tx_stalled_after") if self.app is not None else None
+        return DEFAULT_STALLED_AFTER if value is None else float(value)
 
     def _forget(self, tx_id: uuid.UUID) -> None:
-        with self._lock:
-            self._snapshots.pop(tx_id, None)
+        self._snapshots.drop(tx_id)
         self._drivers.forget(tx_id)
-
-
-def _setting(app: Any, key: str) -> float:
-    """The stall time from the app's configuration, else the default."""
-    value = app.conf.get(key) if app is not None else None
-    return DEFAULT_STALLED_AFTER if value is None else float(value)

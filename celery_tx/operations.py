@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Callable
 
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
@@ -29,7 +30,11 @@ class Operations:
     """An operator's retry and abort, on one journal and this process's drivers."""
 
     def __init__(
-        self, journal: Journal, drivers: Drivers, sweeper: Sweeper, stalled_after: float
+        self,
+        journal: Journal,
+        drivers: Drivers,
+        sweeper: Sweeper,
+        stalled_after: Callable[[], float],
     ) -> None:
         self.journal = journal
         self.drivers = drivers
@@ -74,10 +79,11 @@ class Operations:
     def _require_stalled(self, tx: Outcome) -> None:
         last = queries.last_write(self.journal, tx.id)
         quiet = (self.journal.clock() - last).total_seconds() if last is not None else math.inf
-        if quiet < self.stalled_after:
+        stalled_after = self.stalled_after()
+        if quiet < stalled_after:
             raise TransactionStateError(
                 f"transaction {tx.id} is {tx.status} and still making progress: its journal "
-                f"changed {quiet:.0f} s ago (stalled after {self.stalled_after:g} s); retry it "
+                f"changed {quiet:.0f} s ago (stalled after {stalled_after:g} s); retry it "
                 "once it stalls, or force it (celery tx retry --force), which may run a step "
                 "twice at once",
                 status=tx.status,

@@ -176,11 +176,15 @@ class Sweeper:
             return tr.begin_compensation(t, self.journal.clock(), failed_step=running, error=reason)
 
         def compensate(t: Outcome) -> Outcome:
+            # Rolled back all the same, whatever happens to the compensations now:
+            # the sweeps resend what could not be.
             try:
                 return self._compensate(t, report)
-            except Exception as exc:  # rolled back all the same: the sweeps resend them
+            except TransactionStateError:
+                logger.info("moved on meanwhile; left alone", extra=tx_extra(t.id))
+            except Exception as exc:
                 _left_for_later(t.id, report, exc)
-                return t
+            return t
 
         start_rollback(
             self.journal,
@@ -215,9 +219,11 @@ class Sweeper:
         """Take up a RUNNING or COMPENSATING transaction where the journal says,
         if it is still the very version read (else ``TransactionStateError``)."""
         driver = self._driver(tx)
-        if driver is None or not self._runnable(driver, tx, report):
+        if driver is None:
             return
         if tx.status is TxStatus.RUNNING:
+            if not self._runnable(driver, tx, report):
+                return  # abandoned before anything is journaled as resumed
             position = tr.resume_point(tx)
             # Journaled before anything runs again: an attempt more, and the write
             # only one sweep wins.
@@ -233,7 +239,7 @@ class Sweeper:
             report.resumed.append(tx.id)
             logger.warning("resuming the compensations", extra=tx_extra(tx.id))
             if tx.status is TxStatus.COMPENSATING:
-                driver.compensate(tx)
+                self._compensate(tx, report)
 
     def _compensate(self, tx: Outcome, report: SweepReport) -> Outcome:
         """Run or send the compensations still due, if this process can."""
@@ -305,25 +311,36 @@ def _unchanged(read: Outcome, event: Event) -> Event:
     return guarded
 
 
-def sweep_forever(sweep: Callable[[], object], interval: float, stop: threading.Event) -> None:
-    """Call ``sweep()`` now and then every ``interval`` seconds until ``stop`` is set.
+def sweep_forever(
+    sweep: Callable[[], object], interval: float, stop: threading.Event, *, at_once: bool
+) -> None:
+    """Call ``sweep()`` every ``interval`` seconds (the first time at once, if
+    ``at_once``) until ``stop`` is set.
 
     A failing sweep is logged and the next one tries again: a sweep never ends
     the loop.
     """
+    if not at_once and stop.wait(interval):
+        return
     while True:
         try:
             sweep()
         except Exception:
-            logger.exception("sweep failed")
+            logger.exception("background sweep failed")
         if stop.wait(interval):
             return
 
 
-def start_sweeping(sweep: Callable[[], object], interval: float) -> threading.Event:
+def start_sweeping(
+    sweep: Callable[[], object], interval: float, *, at_once: bool
+) -> threading.Event:
     """Run ``sweep_forever`` on a daemon thread; set the returned event to stop it."""
     stop = threading.Event()
     threading.Thread(
-        target=sweep_forever, args=(sweep, interval, stop), name="celery-tx-sweeper", daemon=True
+        target=sweep_forever,
+        args=(sweep, interval, stop),
+        kwargs={"at_once": at_once},
+        name="celery-tx-sweeper",
+        daemon=True,
     ).start()
     return stop

@@ -23,6 +23,7 @@ from celery_tx import (
     TransactionStateError,
     TxStatus,
 )
+from celery_tx.store import queries
 from tests.conftest import FAST_RETRY
 from tests.participants import Recorder, append_line
 
@@ -197,6 +198,40 @@ def test_timeout_sets_a_journaled_deadline(database_url: str) -> None:
     assert outcome.created_at == now
     assert outcome.deadline == now + timedelta(seconds=90)
     assert outcome.status is TxStatus.PENDING
+
+
+def test_the_clock_stamps_every_journal_write(database_url: str) -> None:
+    """The injected clock is the one every time comes from, the journal's own
+    record of progress (updated_at) included."""
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    with TransactionCoordinator(database_url, clock=lambda: now) as coordinator:
+        tx_id = coordinator.begin_transaction()
+        coordinator.register_participant(tx_id, "a", print, print)
+        outcome = coordinator.commit_transaction(tx_id)
+        last_write = queries.last_write(coordinator.journal, tx_id)
+    assert outcome.started_at == outcome.finished_at == now
+    assert outcome.steps[0].started_at == outcome.steps[0].finished_at == now
+    assert last_write == now
+
+
+def test_one_app_journals_with_one_clock(tmp_path) -> None:
+    """Coordinators of one Celery app share its journal and its clock: a second one
+    without a clock gets it, one with another clock is refused."""
+    from celery import Celery
+
+    app = Celery("clocks", broker="memory://")
+    app.conf.celery_tx_database_url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+    def clock() -> datetime:
+        return now
+
+    with TransactionCoordinator(app=app, clock=clock) as first:
+        with TransactionCoordinator(app=app) as second:
+            assert second.journal is first.journal
+            assert second.journal.clock is clock
+        with pytest.raises(InvalidArgument, match="one app, one journal, one clock"):
+            TransactionCoordinator(app=app, clock=lambda: now)
 
 
 def test_string_ids_work_everywhere(coordinator: TransactionCoordinator) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from celery_tx import (
     InvalidArgument,
+    RetryPolicy,
     StepStatus,
     SweepReport,
     TransactionCoordinator,
@@ -144,6 +145,34 @@ def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, 
     assert outcome.status is TxStatus.FAILED
     assert outcome.steps[0].status is StepStatus.COMPENSATION_FAILED
     assert "not an importable function" in outcome.steps[0].compensation_error
+
+
+def test_the_process_holding_lambdas_resumes_them_and_can_retry_them_once_fixed(database_url):
+    """The registering process itself recovers its lambdas: their rollback fails,
+    FAILED; fixed, the operator's retry in that process rolls it back."""
+    undo_works = [False]
+    undone: list[str] = []
+
+    def undo() -> None:
+        if not undo_works[0]:
+            raise RuntimeError("the refund service is down")
+        undone.append("undone")
+
+    once = RetryPolicy(max_attempts=1, initial_delay=0)
+    with TransactionCoordinator(database_url, rollback_retry=once) as owner:
+        tx_id = owner.begin_transaction()
+        owner.register_participant(tx_id, "closure", lambda: fail_with("no stock"), undo)
+        journal = owner._journal
+        now = datetime.now(UTC)
+        journal.apply(  # as a crash right after the durable start leaves it
+            journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
+        )
+        assert owner.recover(stalled_after=0).resumed == [tx_id]
+        assert journal.get(tx_id).status is TxStatus.FAILED
+        undo_works[0] = True
+        outcome = owner.retry_transaction(tx_id)
+    assert outcome.status is TxStatus.ROLLED_BACK
+    assert undone == ["undone"]
 
 
 def test_a_pending_transaction_past_its_deadline_is_rolled_back(

@@ -29,11 +29,11 @@ LAYERS = [
         "celery_tx.step_barrier",
     ],
     ["celery_tx.store"],
-    ["celery_tx.handles"],
+    ["celery_tx.handles", "celery_tx.metrics", "celery_tx.snapshots"],
     ["celery_tx.driver"],
     ["celery_tx.sweeps"],
     ["celery_tx.drivers"],
-    ["celery_tx.metrics", "celery_tx.operations"],
+    ["celery_tx.operations"],
     ["celery_tx.coordinator"],
     ["celery_tx.cli", "celery_tx.web"],
     ["celery_tx"],
@@ -75,7 +75,7 @@ def imports(name: str) -> set[str]:
             module = node.module or ""
             for alias in node.names:
                 target = _module_of(module, alias.name)
-                if target == module and module != "celery_tx" and module != name:
+                if target == module and module not in ("celery_tx", name):
                     target = _reexports(module).get(alias.name, module)
                 found.add(target)
     found.discard(name)
@@ -227,3 +227,34 @@ def test_a_coordinator_with_an_app_installs_the_hooks_once(tmp_path: Path) -> No
     ).stdout
     found = json.loads(out.strip().splitlines()[-1])
     assert found == {"observers": 2, "metrics": True, "steps": [True], "receivers": 1}
+
+
+BOUND = textwrap.dedent(
+    """
+    import json
+    from celery import Celery
+    from celery_tx import metrics
+    from celery_tx.store import observers
+    from celery_tx.drivers.celery_tasks.sweeping import SweepStep
+    import tests.apps.tasks  # participants, and no coordinator
+
+    app = Celery("probe", broker="memory://")
+    app.finalize()  # binds the shared participant tasks, as a worker's start does
+    print(json.dumps({
+        "observers": len(observers.observing()),
+        "metrics": metrics.DEFAULT is not None,
+        "steps": [step is SweepStep for step in app.steps["worker"]],
+    }))
+    """
+)
+
+
+def test_an_app_with_participants_gets_the_hooks_without_a_coordinator() -> None:
+    """A worker whose app only imports its participant tasks still sweeps, counts
+    metrics and sends transaction_finished: binding a participant installs them."""
+    root = PACKAGE_DIR.parent
+    out = subprocess.run(
+        [sys.executable, "-c", BOUND], capture_output=True, text=True, check=True, cwd=root
+    ).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found == {"observers": 2, "metrics": True, "steps": [True]}

@@ -5,6 +5,8 @@ participant task is bound to an app (``ParticipantTask.on_bound``), so a
 worker's app module that builds its coordinator, or imports its participants,
 is all it takes. Once per process it installs:
 
+- the Prometheus metrics on the default registry (``metrics.install_default``),
+  so the workers count what their steps journal;
 - the journal observer that sends ``transaction_finished``;
 - the worker's log context (``celery_tx.logs``) on Celery's ``after_setup_logger``
   and ``after_setup_task_logger`` signals (``celery_tx_log_context = False``
@@ -24,6 +26,7 @@ from typing import Any
 from celery import current_app
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
+from celery_tx import metrics
 from celery_tx.drivers.celery_tasks import signals, sweeping
 from celery_tx.logs import add_transaction_context
 from celery_tx.store.observers import observe
@@ -37,6 +40,7 @@ def install(app: Any = None) -> None:
     """celery-tx's Celery hooks for this process, and ``app``'s worker bootstep."""
     with _lock:
         if not _process:
+            metrics.install_default()
             observe(signals.send_when_finished)
             after_setup_logger.connect(_on_worker_logging, weak=False)
             after_setup_task_logger.connect(_on_worker_logging, weak=False)

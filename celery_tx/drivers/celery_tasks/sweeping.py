@@ -112,4 +112,4 @@ def _start(app: Any, overtime: bool) -> threading.Event | None:
     interval = float(app.conf.get("celery_tx_sweep_interval", DEFAULT_INTERVAL) or 0)
     if interval <= 0:
         return None
-    return start_sweeping(lambda: sweep_once(app, overtime), interval)
+    return start_sweeping(lambda: sweep_once(app, overtime), interval, at_once=True)

@@ -156,7 +156,12 @@ class LocalDriver:
         logger.info("transaction committing", extra=tx_extra(tx.id))
         if tx.status is TxStatus.RUNNING:
             tx = self.runner.run_actions(tx, calls)
-        return self._ended(tx)
+        # Kept while the run stopped early (the journal became unreachable): the
+        # callables are what a later retry in this process would need. A sweep's
+        # or an operator's run keeps them until the coordinator sees it final.
+        if tx.is_final:
+            self.forget(tx.id)
+        return tx
 
     def check(self, tx: Outcome, *, strict: bool = False) -> None:
         """Resolve every step: ``ParticipantNotResolvable`` for one this process cannot run."""
@@ -164,18 +169,11 @@ class LocalDriver:
 
     def resume(self, tx: Outcome, position: int) -> Outcome:
         """Run the actions from ``position`` here, then the compensations if one fails."""
-        return self._ended(self.runner.run_actions(tx, self._resolve_all(tx), start=position))
+        return self.runner.run_actions(tx, self._resolve_all(tx), start=position)
 
     def compensate(self, tx: Outcome) -> Outcome:
         """Run the compensations still due here."""
-        return self._ended(self.runner.run_compensations(tx, self._resolve_all(tx)))
-
-    def _ended(self, tx: Outcome) -> Outcome:
-        # Kept while the run stopped early (the journal became unreachable): the
-        # callables are what a later retry in this process would need.
-        if tx.is_final:
-            self.forget(tx.id)
-        return tx
+        return self.runner.run_compensations(tx, self._resolve_all(tx))
 
     def _resolve_all(self, tx: Outcome) -> list[LocalCall]:
         return [self._resolve(tx.id, step) for step in tx.steps]

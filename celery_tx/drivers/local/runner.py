@@ -105,10 +105,11 @@ class LocalRunner:
         """The action at ``position`` raised ``exc``: journal it and compensate.
 
         An interrupt (``KeyboardInterrupt``, ``SystemExit``) is raised again once
-        the transaction is final, and stays what the caller sees even when the
-        journal fails meanwhile.
+        the transaction is final, and stays what the caller sees when the
+        journal fails to record the failure.
         """
         interrupt = None if isinstance(exc, Exception) else exc
+        compensating: list[bool] = []
         name = tx.steps[position].name
         error = describe_error(exc)
         logger.warning(
@@ -118,15 +119,18 @@ class LocalRunner:
             exc_info=exc,
             extra=tx_extra(tx.id, name),
         )
+
+        def compensate(t: Outcome) -> Outcome:
+            compensating.append(True)
+            return self.run_compensations(t, calls, results)
+
+        def fail(t: Outcome) -> Outcome:
+            return tr.fail_action(t, position, error, self.clock())
+
         try:
-            tx = start_rollback(
-                self.journal,
-                tx,
-                lambda t: tr.fail_action(t, position, error, self.clock()),
-                lambda t: self.run_compensations(t, calls, results),
-            )
+            tx = start_rollback(self.journal, tx, fail, compensate)
         except Exception as journal_error:
-            if interrupt is not None:
+            if interrupt is not None and not compensating:
                 raise interrupt from journal_error
             raise
         if interrupt is not None:
