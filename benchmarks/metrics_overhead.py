@@ -66,10 +66,10 @@ def postgres_schema() -> Iterator[str | None]:
 
 def measure(url: str, transactions: int, rounds: int) -> tuple[float, float]:
     """Median throughput without and with the metrics observer."""
-    if metrics.DEFAULT is not None:  # installed at import: measured explicitly below
-        metrics.DEFAULT.close()
     without, with_ = [], []
     with TransactionCoordinator(url) as coordinator:
+        if metrics.DEFAULT is not None:  # installed by the coordinator: measured explicitly
+            metrics.DEFAULT.close()
         run(coordinator, 50)  # warm up: schema, pools, statement caches
         for i in range(rounds):
             for observed in (i % 2 == 0, i % 2 == 1):

@@ -103,6 +103,53 @@ def _create_engine(url: URL, *, autocommit: bool, durable: bool) -> Engine:
     return sa.create_engine(url)
 
 
+class Pools:
+    """The journal's engines, and which one each kind of work goes to.
+
+    Each connection says what it is for in its execution options (the SQLite
+    BEGIN reads them), set once per engine variant here, not per connection. On
+    PostgreSQL single statements (every read, and each compare-and-set write,
+    see ``statements.one_statement_save``) go to a pool in autocommit mode, one
+    round trip each without BEGIN and COMMIT, and durable ones to a third pool
+    whose sessions commit with synchronous_commit on.
+    """
+
+    def __init__(self, url: URL) -> None:
+        self.engine = create_journal_engine(url)
+        self._autocommit: Engine | None = None
+        self._durable_autocommit: Engine | None = None
+        if self.engine.dialect.name == "postgresql":
+            self._autocommit = create_journal_engine(url, autocommit=True)
+            self._durable_autocommit = create_journal_engine(url, autocommit=True, durable=True)
+        single = self._autocommit or self.engine
+        durable_single = self._durable_autocommit or self.engine
+        self._variants = {
+            # (write, durable, single)
+            (False, False, False): single.execution_options(**{WRITE: False, DURABLE: False}),
+            (True, False, False): self.engine.execution_options(**{WRITE: True, DURABLE: False}),
+            (True, False, True): single.execution_options(**{WRITE: True, DURABLE: False}),
+            (True, True, False): self.engine.execution_options(**{WRITE: True, DURABLE: True}),
+            (True, True, True): durable_single.execution_options(**{WRITE: True, DURABLE: True}),
+        }
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine (connection pool)."""
+        extra = (self._autocommit, self._durable_autocommit)
+        return [self.engine, *(engine for engine in extra if engine is not None)]
+
+    def for_work(self, *, write: bool, durable: bool, single: bool) -> Engine:
+        """The engine for a read, or a write (durable or not, one statement or several)."""
+        if not write:
+            return self._variants[(False, False, False)]
+        return self._variants[(True, durable, single)]
+
+    def close(self) -> None:
+        """Release every engine's connections."""
+        for engine in self.engines:
+            engine.dispose()
+
+
 # A forked child (a prefork pool worker) must open its own connections: sharing
 # the parent's would interleave two processes' traffic on one socket or file.
 # SQLAlchemy's recipe is dispose(close=False) in the child, which drops the

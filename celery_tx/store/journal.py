@@ -41,9 +41,7 @@ from celery_tx.core.status import TxStatus
 from celery_tx.store import rows, schema
 from celery_tx.store import statements as sql
 from celery_tx.store.engine import (
-    DURABLE,
-    WRITE,
-    create_journal_engine,
+    Pools,
     is_memory_sqlite,
     make_durable,
     prepare_begin,
@@ -74,31 +72,11 @@ class Journal:
         """Seconds ``apply`` keeps retrying lost races and an unreachable database."""
         self.clock = clock
         """The time every write is stamped with, and every reader of this journal compares."""
-        self.engine: Engine = create_journal_engine(self.url)
-        # Each connection says what it is for in its execution options (the SQLite
-        # BEGIN and instrumentation read them): set once per engine variant here,
-        # not on every connection.
-        self._one_statement = self.engine.dialect.name == "postgresql"
+        self.pools = Pools(self.url)
+        self.engine: Engine = self.pools.engine
         # On PostgreSQL every read, and every write that need not be flushed, is
-        # a single statement (see _save_in_one_statement): on a connection in
-        # autocommit mode each is one round trip, without BEGIN and COMMIT.
-        # Durable single statements go to a third pool whose sessions commit
-        # with synchronous_commit on.
-        self._autocommit_engine: Engine | None = None
-        self._durable_autocommit_engine: Engine | None = None
-        if self._one_statement:
-            self._autocommit_engine = create_journal_engine(self.url, autocommit=True)
-            self._durable_autocommit_engine = create_journal_engine(
-                self.url, autocommit=True, durable=True
-            )
-        single = self._autocommit_engine or self.engine
-        self._reader = single.execution_options(**{WRITE: False, DURABLE: False})
-        self._writer = self.engine.execution_options(**{WRITE: True, DURABLE: False})
-        self._single_writer = single.execution_options(**{WRITE: True, DURABLE: False})
-        self._durable_single_writer = (
-            self._durable_autocommit_engine or self.engine
-        ).execution_options(**{WRITE: True, DURABLE: True})
-        self._durable_writer = self.engine.execution_options(**{WRITE: True, DURABLE: True})
+        # a single statement (see _save_in_one_statement).
+        self._one_statement = self.engine.dialect.name == "postgresql"
         self._new_locks()
         _renew_locks_after_fork(self)
         self._schema_ready = False
@@ -121,13 +99,11 @@ class Journal:
     @property
     def engines(self) -> list[Engine]:
         """Every engine (connection pool) the journal uses."""
-        extra = (self._autocommit_engine, self._durable_autocommit_engine)
-        return [self.engine, *(engine for engine in extra if engine is not None)]
+        return self.pools.engines
 
     def close(self) -> None:
         """Release the engines' connections."""
-        for engine in self.engines:
-            engine.dispose()
+        self.pools.close()
 
     # -- reads ---------------------------------------------------------------
 
@@ -380,14 +356,8 @@ class Journal:
         durable: bool,
         single: bool = False,
     ) -> _T:
-        if write:
-            if durable:
-                engine = self._durable_single_writer if single else self._durable_writer
-            else:
-                engine = self._single_writer if single else self._writer
-            writers = self._writers
-        else:
-            engine, writers = self._reader, _NO_LOCK
+        engine = self.pools.for_work(write=write, durable=durable, single=single)
+        writers = self._writers if write else _NO_LOCK
         try:
             with self._serial, writers, engine.connect() as conn:
                 prepare_begin(conn)
