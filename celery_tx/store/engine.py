@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -155,13 +156,19 @@ class Pools:
 # SQLAlchemy's recipe is dispose(close=False) in the child, which drops the
 # inherited pool without closing what the parent still uses.
 _ENGINES_TO_FORGET_IN_CHILDREN: weakref.WeakSet[Engine] = weakref.WeakSet()
-_watching_forks: list[bool] = []
+_in_children: set[Callable[[], None]] = set()
+
+
+def in_forked_children(hook: Callable[[], None]) -> None:
+    """Run ``hook`` in every child process forked from now on (once, however
+    often asked): registered when the first journal needs it, not at import."""
+    if hook not in _in_children:
+        os.register_at_fork(after_in_child=hook)
+        _in_children.add(hook)
 
 
 def _forget_in_children(engine: Engine) -> None:
-    if not _watching_forks:  # the first engine of this process: watch forks from now on
-        os.register_at_fork(after_in_child=_forget_connections_in_child)
-        _watching_forks.append(True)
+    in_forked_children(_forget_connections_in_child)
     _ENGINES_TO_FORGET_IN_CHILDREN.add(engine)
 
 

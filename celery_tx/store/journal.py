@@ -19,7 +19,6 @@ itself is built once in ``celery_tx.store.statements``.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -42,6 +41,7 @@ from celery_tx.store import rows, schema
 from celery_tx.store import statements as sql
 from celery_tx.store.engine import (
     Pools,
+    in_forked_children,
     is_memory_sqlite,
     make_durable,
     prepare_begin,
@@ -389,13 +389,8 @@ class Journal:
 _JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 
-_watching_forks: list[bool] = []
-
-
 def _renew_locks_after_fork(journal: Journal) -> None:
-    if not _watching_forks:  # the first journal of this process: watch forks from now on
-        os.register_at_fork(after_in_child=_fresh_locks_in_child)
-        _watching_forks.append(True)
+    in_forked_children(_fresh_locks_in_child)
     _JOURNALS.add(journal)
 
 
