@@ -58,8 +58,9 @@ class TransactionCoordinator:
     for retrying an in-process rollback function that raises.
     ``default_timeout`` (seconds, or the app's ``celery_tx_default_timeout``) is
     the deadline of transactions begun without one. ``clock`` is where every
-    time this coordinator records or compares comes from, and ``sleep`` how it
-    waits between retries: both exist for tests that must not wait.
+    time this coordinator records or compares comes from (the coordinators of
+    one app share its journal and so its clock), and ``sleep`` how it waits
+    between retries: both exist for tests that must not wait.
 
     Every method is safe to call from many threads, and several coordinators in
     several processes may share one journal: each journal write is a

@@ -16,7 +16,7 @@ compensations.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -107,9 +107,6 @@ class Drivers:
         self._all = drivers
         self._by_kind = {driver.kind: driver for driver in drivers}
 
-    def __iter__(self) -> Iterator[Driver]:
-        return iter(self._all)
-
     def of(self, tx: Outcome) -> Driver:
         """The driver of ``tx``, by its journaled kind."""
         driver = self._by_kind.get(tx.driver)
@@ -122,7 +119,12 @@ class Drivers:
 
     def for_registration(self, commit_function: object, rollback_function: object) -> Driver:
         """The first driver whose participants these are."""
-        return next(d for d in self._all if d.accepts(commit_function, rollback_function))
+        for driver in self._all:
+            if driver.accepts(commit_function, rollback_function):
+                return driver
+        raise InvalidParticipant(
+            f"no driver of this process runs {commit_function!r} and {rollback_function!r}"
+        )
 
     def available_kinds(self) -> list[str]:
         """The kinds this process can run."""

@@ -1,8 +1,9 @@
 """Prometheus metrics (optional: ``pip install celery-tx[metrics]``).
 
 When ``prometheus_client`` is importable, the first ``TransactionCoordinator``
-of a process registers these on its default registry and counts every journal
-write this process makes, from the journal's observer hook:
+of a process (or the first participant task bound to an app, in a worker)
+registers these on its default registry and counts every journal write this
+process makes, from the journal's observer hook:
 
 - ``celery_tx_transactions_total{name,status}``: transactions that ended
   COMMITTED, ROLLED_BACK or FAILED (a FAILED one retried by an operator
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -152,8 +154,7 @@ class TransactionMetrics:
 
 def install_metrics(registry: Any = None) -> TransactionMetrics:
     """celery-tx's metrics on ``registry`` (default: prometheus_client's), counting
-    from now on. The first coordinator of a process does this once for the
-    default registry."""
+    from now on (``install_default`` does this once for the default registry)."""
     if prometheus_client is None:
         raise MetricsUnavailable(_INSTALL)
     return TransactionMetrics(registry if registry is not None else prometheus_client.REGISTRY)
@@ -163,16 +164,21 @@ DEFAULT: TransactionMetrics | None = None
 """The metrics on the default registry, once a coordinator installed them."""
 
 
+_default_lock = threading.Lock()
+
+
 def install_default() -> None:
     """Install on the default registry once per process, if prometheus_client is
-    there and not turned off (``CELERY_TX_METRICS=0``); called by every coordinator."""
-    global DEFAULT  # noqa: PLW0603  # once per process, on first import
-    if DEFAULT is not None or os.environ.get("CELERY_TX_METRICS", "1").lower() in {"0", "off"}:
-        return
-    try:
-        DEFAULT = install_metrics()
-    except MetricsUnavailable:
-        return
+    there and not turned off (``CELERY_TX_METRICS=0``): called by every coordinator
+    and when a participant task is bound to an app."""
+    global DEFAULT  # noqa: PLW0603  # once per process, by whichever comes first
+    with _default_lock:  # two threads building coordinators must not register twice
+        if DEFAULT is not None or os.environ.get("CELERY_TX_METRICS", "1").lower() in {"0", "off"}:
+            return
+        try:
+            DEFAULT = install_metrics()
+        except MetricsUnavailable:
+            return
 
 
 class HasJournal(Protocol):

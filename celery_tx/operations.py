@@ -17,7 +17,7 @@ from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
 from celery_tx.core.outcome import Outcome
-from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.core.status import TxStatus
 from celery_tx.driver import Drivers, start_rollback
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal, queries
@@ -113,7 +113,7 @@ class Operations:
             # Checked on the state written, not the one first read: a PENDING one
             # committed meanwhile must have compensations this process can run.
             self.drivers.of(current).check(current, strict=True)
-            running = next((s.name for s in current.steps if s.status is StepStatus.RUNNING), None)
+            running = tr.running_step_name(current)
             return tr.begin_compensation(current, now, failed_step=running, error=reason)
 
         def compensate(t: Outcome) -> Outcome:

@@ -43,7 +43,7 @@ from celery_tx.driver import Driver, Drivers, Event, start_rollback
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal, candidates
 
-logger = logging.getLogger("celery_tx.recovery")
+logger = logging.getLogger("celery_tx.recovery")  # the name logging configs know
 
 DEFAULT_STALLED_AFTER = 300.0
 """Seconds without a journal write after which a transaction counts as stalled."""
@@ -164,7 +164,7 @@ class Sweeper:
             report.rolled_back.append(tx.id)
             logger.warning("rolled back before commit: %s", reason, extra=tx_extra(tx.id))
             return
-        running = next((s.name for s in tx.steps if s.status is StepStatus.RUNNING), None)
+        running = tr.running_step_name(tx)
         self._roll_back(tx, report, running, reason)
 
     def _roll_back(

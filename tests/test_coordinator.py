@@ -233,6 +233,15 @@ def test_one_app_journals_with_one_clock(tmp_path) -> None:
         with pytest.raises(InvalidArgument, match="one app, one journal, one clock"):
             TransactionCoordinator(app=app, clock=lambda: now)
 
+    class Fake:
+        def now(self) -> datetime:
+            return now
+
+    fake, other_app = Fake(), Celery("bound-clock", broker="memory://")
+    other_app.conf.celery_tx_database_url = f"sqlite:///{tmp_path / 'k.sqlite3'}"
+    with TransactionCoordinator(app=other_app, clock=fake.now):  # the same method, twice
+        TransactionCoordinator(app=other_app, clock=fake.now).close()
+
 
 def test_string_ids_work_everywhere(coordinator: TransactionCoordinator) -> None:
     """Every method takes the transaction id's string form too."""

@@ -259,6 +259,11 @@ def _finish_rollback_if_done(tx: Outcome, now: datetime) -> Outcome:
     )
 
 
+def running_step_name(tx: Outcome) -> str | None:
+    """The name of the step whose action is RUNNING (its outcome unknown), if any."""
+    return next((step.name for step in tx.steps if step.status is S.RUNNING), None)
+
+
 def resume_point(tx: Outcome) -> int:
     """The step a RUNNING transaction goes on from: the first one not DONE."""
     _require(tx, T.RUNNING, "resume the actions")

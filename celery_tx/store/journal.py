@@ -83,7 +83,7 @@ class Journal:
         self._prepared = sql.PreparedWrites(self.engine.dialect)
 
     def _new_locks(self) -> None:
-        """The in-process locks; made again in a forked child (see ``_fresh_locks``)."""
+        """The in-process locks; made again in a forked child (``_fresh_locks_in_child``)."""
         # An in-memory SQLite database is one connection: share it one caller at a time.
         self._serial: AbstractContextManager[object] = (
             threading.RLock() if is_memory_sqlite(self.url) else nullcontext()

@@ -50,7 +50,7 @@ def journal_for(
                 f"Celery app {app.main!r} already journals to {journal.url!r}, "
                 f"not {url!r}: one app, one journal"
             )
-        elif clock is not None and journal.clock is not clock:
+        elif clock is not None and journal.clock != clock:  # bound methods are new objects
             raise InvalidArgument(
                 f"Celery app {app.main!r} already journals with the clock {journal.clock!r}, "
                 f"not {clock!r}: one app, one journal, one clock"

@@ -28,12 +28,14 @@ from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Registration, start_rollback
 from celery_tx.drivers.celery_tasks import dispatch, messages
-from celery_tx.drivers.celery_tasks.messages import KIND
 from celery_tx.handles import CommitHandle
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
 logger = logging.getLogger("celery_tx.dispatch")
+
+KIND = "celery"
+"""The journaled kind of transactions of participant tasks."""
 
 
 class CeleryDriver:

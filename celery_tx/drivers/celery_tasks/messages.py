@@ -24,7 +24,8 @@ from celery_tx.core.errors import InvalidArgument, InvalidParticipant
 from celery_tx.core.outcome import Outcome
 from celery_tx.drivers.celery_tasks import registry
 
-KIND = "celery"
+DESCRIPTION_KIND = "celery"
+"""The ``kind`` of a journaled participant task call."""
 TX_ID = "celery_tx_id"
 TX_STEP = "celery_tx_step"
 TX_PHASE = "celery_tx_phase"
@@ -104,7 +105,11 @@ def encode_call(
         raise InvalidArgument(
             f"{what}: arguments cannot be sent as JSON, the participant serializer: {exc}"
         ) from exc
-    description: dict[str, Any] = {"kind": KIND, "task": spec.name, "arguments": payload}
+    description: dict[str, Any] = {
+        "kind": DESCRIPTION_KIND,
+        "task": spec.name,
+        "arguments": payload,
+    }
     if options:
         try:
             _dumps(options)
@@ -118,11 +123,6 @@ def decode_arguments(description: dict[str, Any]) -> tuple[tuple[Any, ...], dict
     """The args and kwargs a journaled call was registered with."""
     args, kwargs = _loads(description["arguments"])
     return tuple(args), dict(kwargs)
-
-
-def is_celery_step(description: dict[str, Any]) -> bool:
-    """True when a journaled call is a Celery task (not an in-process callable)."""
-    return description.get("kind") == KIND
 
 
 def task_id(tx_id: uuid.UUID, position: int, phase: Phase) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-from celery_tx.drivers.celery_tasks.messages import KIND
+from celery_tx.drivers.celery_tasks.driver import KIND
 from celery_tx.store.observers import Write
 
 transaction_finished = Signal(name="transaction_finished")

@@ -23,7 +23,7 @@ from celery_tx.drivers.celery_tasks import binding
 from celery_tx.drivers.celery_tasks.driver import CeleryDriver
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
-logger = logging.getLogger("celery_tx.recovery")
+logger = logging.getLogger("celery_tx.recovery")  # the sweeps' logger, as in sweeps.py
 
 SWEEP_TASK = "celery_tx.sweep"
 DEFAULT_INTERVAL = 30.0

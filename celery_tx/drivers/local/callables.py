@@ -16,31 +16,32 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery.canvas import Signature
 
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
 
-KIND = "callable"
+DESCRIPTION_KIND = "callable"
+"""The ``kind`` of a journaled in-process call."""
 
 
 def describe(function: object, *, role: str) -> dict[str, Any]:
-    """The JSON description of ``function``; ``role`` names it in errors."""
+    """The JSON description of ``function``; ``role`` names it in errors.
+
+    Signatures never get here: the Celery driver takes every registration that
+    has one (``CeleryDriver.accepts``).
+    """
     if isinstance(function, Task):
         # A task is callable too, but calling it runs it here, not on a worker.
         raise InvalidParticipant(
             f"{role} is the Celery task {function.name!r} itself; register its "
             "signature, with the arguments: task.s(...)"
         )
-    if isinstance(function, Signature):
-        # A signature is callable, but calling it would run the task right here,
-        # in this process, not on a worker: refuse it rather than surprise anyone.
-        raise InvalidParticipant(
-            f"{role} is a Celery signature ({function!r}); this release runs plain "
-            "callables in-process, and Celery task participants need the Celery driver"
-        )
     if not callable(function):
         raise InvalidParticipant(f"{role} must be callable, got {function!r}")
-    description: dict[str, Any] = {"kind": KIND, "repr": repr(function)[:200], "ref": None}
+    description: dict[str, Any] = {
+        "kind": DESCRIPTION_KIND,
+        "repr": repr(function)[:200],
+        "ref": None,
+    }
     target, args, kwargs = _unwrap_partial(function)
     ref = _import_path(target)
     if ref is not None and _survives_json(list(args)) and _survives_json(kwargs):
@@ -55,7 +56,7 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
 def resolve(description: dict[str, Any]) -> Callable[[], Any]:
     """The callable a description names; ``ParticipantNotResolvable`` if it can't."""
     ref = description.get("ref")
-    if description.get("kind") != KIND or not ref:
+    if description.get("kind") != DESCRIPTION_KIND or not ref:
         raise ParticipantNotResolvable(
             f"{description.get('repr', description)} is not an importable function; "
             "only the process that registered it can run it"
