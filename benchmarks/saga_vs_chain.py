@@ -1,21 +1,32 @@
 """Throughput of celery-tx transactions against plain Celery chains, side by side.
 
 Run it as ``.venv/bin/python benchmarks/saga_vs_chain.py [--stack redis|embedded]
-[--transactions N] [--rounds R] [--workers C]``.
+[--transactions N] [--rounds R] [--workers 2,4] [--participants 4,1,16]
+[--count-commits]``.
 
-One run starts one ``celery worker`` subprocess (prefork, C processes, the
-project's ``celeryconfig.py``) and, against it, alternately:
+For each worker size C it starts one ``celery worker`` subprocess (prefork, C
+processes, the project's ``celeryconfig.py``) and, against it, alternately:
 
 - chain: N plain ``chain(noop.si(), ..., noop.si())`` of P tasks, all sent, then
   each awaited with ``AsyncResult.get()`` (the result backend);
 - saga: N transactions of P no-op participants (``begin_transaction``,
   P x ``register_participant``, ``commit_transaction_async``), all started, then
-  each awaited with ``handle.wait()`` (the journal).
+  each awaited with ``handle.wait()`` (the journal);
+- floor (PostgreSQL journal only): the same protocol celery-tx's journal must
+  pay at best, N + 1 writes, sent by plain tasks through raw psycopg
+  (``bench_app.floor_step``: the client creates each transaction in one flushed
+  statement, each step is one "check + mark" statement, the last one flushed),
+  awaited by polling the journal for the whole batch at once;
+- chain, SQL results (PostgreSQL only): plain chains whose results go to
+  Celery's own SQL result backend on the same database, awaited with ``get()``:
+  what a user who wants task status in SQL runs today.
 
 Each side's throughput is N / (time from the first send to the last completion),
-including everything the sending process does. Rounds alternate chain and saga
-so that a change in the machine's load hits both; the ratio printed is
-median(saga) / median(chain) for P = 4, then for P = 1, 4 and 16.
+including everything the sending process does. Rounds alternate the sides so
+that a change in the machine's load hits all; the ratios printed are of the
+medians. ``--count-commits`` adds, per side at P = 4, the database's own count
+of committed transactions per transaction (``pg_stat_database.xact_commit``,
+reads while waiting included), after the server's statistics settle.
 
 Stacks: ``redis`` (Redis broker and result backend, PostgreSQL journal; the
 PostgreSQL database is ``CELERY_TX_BENCH_PG_URL``, default
@@ -120,12 +131,153 @@ def run_sagas(app_module, n: int, participants: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _median_pair(app_module, n: int, participants: int, rounds: int) -> tuple[float, float]:
-    chains, sagas = [], []
+_CREATE = """
+WITH tx AS (
+    INSERT INTO celery_tx_transactions (id, name, status, driver, version, created_at,
+                                        started_at, updated_at)
+    VALUES (%(tx)s, 'floor', 'RUNNING', 'floor', 1, now(), now(), now())
+    RETURNING id
+)
+INSERT INTO celery_tx_steps (tx_id, position, name, status, action, compensation,
+                             attempts, compensation_attempts, started_at)
+SELECT tx.id, p, 'p' || p, CASE WHEN p = 0 THEN 'RUNNING' ELSE 'PENDING' END,
+       '{"kind": "floor"}', '{"kind": "floor"}', CASE WHEN p = 0 THEN 1 ELSE 0 END, 0,
+       CASE WHEN p = 0 THEN now() END
+FROM tx, generate_series(0, %(steps)s - 1) AS p
+"""
+_COMMITTED = (
+    "SELECT count(*) FROM celery_tx_transactions WHERE id = ANY(%s) AND status = 'COMMITTED'"
+)
+
+
+def run_floor(app_module, n: int, participants: int) -> float:
+    """The raw-psycopg protocol: its driver "floor" keeps the library's sweeps away."""
+    import uuid
+
+    from celery import chain
+
+    step = app_module.floor_step
+    conn = app_module.floor_connection("on")
+    start = time.perf_counter()
+    ids = []
+    for _ in range(n):
+        tx_id = uuid.uuid4()
+        conn.execute(_CREATE, {"tx": tx_id, "steps": participants})
+        last = participants - 1
+        chain(*[step.si(str(tx_id), i, i == last) for i in range(participants)]).apply_async()
+        ids.append(tx_id)
+    pause = 0.005
+    while conn.execute(_COMMITTED, (ids,)).fetchone()[0] < n:
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.1)  # as CommitHandle.wait polls
+        if time.perf_counter() - start > 300:
+            raise TimeoutError("floor transactions did not commit")
+    return n / (time.perf_counter() - start)
+
+
+def run_sql_chains(app_module, n: int, participants: int) -> float:
+    from celery import chain
+    from celery.result import AsyncResult
+
+    noop, backend = app_module.noop_sql, app_module.SQL_RESULTS
+    start = time.perf_counter()
+    results = [chain(*[noop.si() for _ in range(participants)]).apply_async() for _ in range(n)]
+    for result in results:
+        AsyncResult(result.id, backend=backend).get(timeout=300, interval=0.005)
+    return n / (time.perf_counter() - start)
+
+
+SIDES = {"chain": run_chains, "saga": run_sagas, "floor": run_floor, "chain/sql": run_sql_chains}
+
+
+def _medians(app_module, sides: list[str], n: int, participants: int, rounds: int) -> dict:
+    rates: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
-        chains.append(run_chains(app_module, n, participants))
-        sagas.append(run_sagas(app_module, n, participants))
-    return statistics.median(chains), statistics.median(sagas)
+        for side in sides:
+            rates[side].append(SIDES[side](app_module, n, participants))
+    return {side: statistics.median(values) for side, values in rates.items()}
+
+
+def _server_commits(url: str) -> int:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    with psycopg.connect(
+        host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username, dbname=u.database
+    ) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0])
+
+
+_SETTLE = 11.5  # seconds: an idle backend reports its counts after 10 s (PGSTAT_IDLE_INTERVAL)
+
+
+def count_commits(app_module, url: str, sides: list[str], n: int) -> dict[str, float]:
+    """Committed transactions per transaction, server-counted, at P = 4."""
+    counts = {}
+    for side in sides:
+        time.sleep(_SETTLE)
+        before = _server_commits(url)
+        SIDES[side](app_module, n, 4)
+        time.sleep(_SETTLE)
+        counts[side] = (_server_commits(url) - before - 2) / n  # less our two reads
+    return counts
+
+
+def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, workers: int) -> None:
+    import benchmarks.bench_app as app_module
+
+    sides = ["chain", "saga"]
+    if args.stack == "redis":
+        sides += ["floor", "chain/sql"]
+    _empty(args.stack, env)
+    worker = _start_worker(env, folder, workers)
+    try:
+        time.sleep(3)
+        for side in sides:  # warm up every path and the worker
+            SIDES[side](app_module, 20, 4)
+        print(
+            f"\nworker -P prefork -c {workers}: {args.transactions} transactions per round, "
+            f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+        )
+        ratios = [("saga/chain", "saga", "chain")]
+        if "floor" in sides:
+            ratios += [("floor/chain", "floor", "chain"), ("saga/floor", "saga", "floor")]
+            ratios += [("saga/chain-sql", "saga", "chain/sql")]
+        print(
+            f"{'P':>3} "
+            + " ".join(f"{side + '/s':>11}" for side in sides)
+            + " "
+            + " ".join(f"{label:>14}" for label, _, _ in ratios)
+        )
+        for participants in args.participants:
+            rates = _medians(app_module, sides, args.transactions, participants, args.rounds)
+            print(
+                f"{participants:>3} "
+                + " ".join(f"{rates[side]:>11.1f}" for side in sides)
+                + " "
+                + " ".join(f"{rates[a] / rates[b]:>14.2f}" for _, a, b in ratios),
+                flush=True,
+            )
+        if args.count_commits and args.stack == "redis":
+            counts = count_commits(app_module, env["CELERY_TX_DATABASE_URL"], sides, 100)
+            print(
+                "server-counted commits per transaction, P=4: "
+                + ", ".join(f"{side} {value:.1f}" for side, value in counts.items())
+            )
+    except BaseException:
+        print((folder / "worker.log").read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
 
 
 def main() -> None:
@@ -133,43 +285,18 @@ def main() -> None:
     parser.add_argument("--stack", choices=["redis", "embedded"], default="redis")
     parser.add_argument("--transactions", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=_numbers, default=[2, 4], help="pool sizes (2,4)")
+    parser.add_argument("--participants", type=_numbers, default=[4, 1, 16], help="(4,1,16)")
+    parser.add_argument("--count-commits", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         env = _environment(args.stack, folder)
-        _empty(args.stack, env)
         os.environ.update(env)
         os.chdir(folder)
-        import benchmarks.bench_app as app_module
-
-        worker = _start_worker(env, folder, args.workers)
-        try:
-            time.sleep(3)
-            run_chains(app_module, 20, 4)  # warm up both paths and the worker
-            run_sagas(app_module, 20, 4)
-            print(
-                f"stack {args.stack}, {args.transactions} transactions per round, "
-                f"{args.rounds} rounds, worker -P prefork -c {args.workers}, "
-                f"load average {os.getloadavg()[0]:.1f}"
-            )
-            print(f"{'participants':>12} {'chain/s':>9} {'saga/s':>9} {'saga/chain':>10}")
-            for participants in (4, 1, 16):
-                chain_rate, saga_rate = _median_pair(
-                    app_module, args.transactions, participants, args.rounds
-                )
-                print(
-                    f"{participants:>12} {chain_rate:>9.1f} {saga_rate:>9.1f} "
-                    f"{saga_rate / chain_rate:>10.2f}",
-                    flush=True,
-                )
-            print(f"load average after: {os.getloadavg()[0]:.1f}")
-        except BaseException:
-            print((folder / "worker.log").read_text()[-5000:], file=sys.stderr)
-            raise
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+        for workers in args.workers:
+            _measure(args, env, folder, workers)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
