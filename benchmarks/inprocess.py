@@ -325,15 +325,21 @@ class RawWrites:
 
 
 def raw_sqlite(path: str, transactions: int) -> Result:
+    writes = RawWrites("qmark", _sqlite_now, lambda u: u.hex)
+    return run_sqlite("raw sqlite3 (same writes, no SQLAlchemy)", path, writes, transactions)
+
+
+def _sqlite_now() -> str:
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+
+
+def run_sqlite(setup: str, path: str, writes: Any, transactions: int) -> Result:
+    """Send ``writes`` (a ``RawWrites`` or ``MinimalWrites``) through sqlite3, one
+    write transaction each, flushed (``synchronous=FULL``) where they say so."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA journal_mode = WAL")
-    writes = RawWrites(
-        "qmark",
-        lambda: datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" "),
-        lambda u: u.hex,
-    )
     synchronous = ""
     commits = statements = durable_commits = 0
     began = time.perf_counter()
@@ -355,7 +361,7 @@ def raw_sqlite(path: str, transactions: int) -> Result:
     seconds = time.perf_counter() - began
     conn.close()
     return Result(
-        "raw sqlite3 (same writes, no SQLAlchemy)",
+        setup,
         1,
         transactions,
         seconds,
@@ -462,8 +468,8 @@ class MinimalWrites:
             f"{m}, updated_at = {m} WHERE id = {m} AND status = 'RUNNING'"
         )
 
-    def writes(self) -> Iterator[tuple[bool, list[tuple[str, tuple[Any, ...]]]]]:
-        """(flushed, [(sql, params)]) for each write of one transaction."""
+    def writes(self) -> Iterator[tuple[bool, list[tuple[str, Any, bool]]]]:
+        """(flushed, [(sql, params, many)]) for each write of one transaction."""
         tid = self.uid(uuid.uuid4())
         desc = json.dumps({"kind": "callable", "repr": repr(noop), "ref": "bench:noop"})
         now = self.now()
@@ -483,51 +489,20 @@ class MinimalWrites:
             else:
                 yield True, self._one([done, (self.commit, (now, now, tid))])
 
-    def _one(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, Any]]:
+    def _one(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, Any, bool]]:
         """On PostgreSQL the statements of one write as one: each a CTE but the last."""
         if not self.postgres:
-            return statements
+            return [(sql, params, False) for sql, params in statements]
         ctes = ", ".join(
             f"w{i} AS ({sql} RETURNING 1)" for i, (sql, _) in enumerate(statements[:-1])
         )
         params = tuple(p for _, ps in statements for p in ps)
-        return [(f"WITH {ctes} {statements[-1][0]}", params)]
+        return [(f"WITH {ctes} {statements[-1][0]}", params, False)]
 
 
 def floor_sqlite(path: str, transactions: int) -> Result:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    writes = MinimalWrites(
-        False, lambda: datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" "), lambda u: u.hex
-    )
-    synchronous = ""
-    commits = statements = flushed = 0
-    began = time.perf_counter()
-    for _ in range(transactions):
-        for durable, statements_ in writes.writes():
-            wanted = "FULL" if durable else "NORMAL"
-            if wanted != synchronous:
-                conn.execute(f"PRAGMA synchronous = {wanted}")
-                synchronous = wanted
-            conn.execute("BEGIN IMMEDIATE")
-            for sql, params in statements_:
-                conn.execute(sql, params)
-                statements += 1
-            conn.execute("COMMIT")
-            commits += 1
-            flushed += durable
-    seconds = time.perf_counter() - began
-    conn.close()
-    return Result(
-        "floor: minimal journal, raw sqlite3",
-        1,
-        transactions,
-        seconds,
-        statements / transactions,
-        commits / transactions,
-        flushed / transactions,
-    )
+    writes = MinimalWrites(False, _sqlite_now, lambda u: u.hex)
+    return run_sqlite("floor: minimal journal, raw sqlite3", path, writes, transactions)
 
 
 def floor_postgres(url: sa.URL, search_path: str, threads: int, transactions: int) -> Result:
@@ -555,7 +530,7 @@ def floor_postgres(url: sa.URL, search_path: str, threads: int, transactions: in
             for _ in range(count):
                 for durable, statements_ in writes.writes():
                     conn = flushed_conn if durable else fast
-                    for sql, params in statements_:
+                    for sql, params, _ in statements_:
                         conn.execute(sql, params)
                         statements += 1
                     flushed += durable
