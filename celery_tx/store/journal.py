@@ -51,6 +51,12 @@ from celery_tx.store.observers import Write, tell
 
 logger = logging.getLogger("celery_tx.store")
 
+PENDING_ELSEWHERE = (
+    "a PENDING transaction lives only in the memory of the process that began it, "
+    "until it is committed (or that process ended before the commit)"
+)
+"""Part of every "not found": a PENDING transaction is not journaled (``celery_tx.pending``)."""
+
 _FIRST_PAUSE = 0.005
 _MAX_PAUSE = 2.0
 _T = TypeVar("_T")
@@ -128,7 +134,7 @@ class Journal:
         """The journaled transaction; ``TransactionNotFound`` when there is no such id."""
         tx = self.load(tx_id)
         if tx is None:
-            raise TransactionNotFound(f"no transaction {tx_id} in the journal")
+            raise TransactionNotFound(f"no transaction {tx_id} in the journal; {PENDING_ELSEWHERE}")
         return tx
 
     def status(self, tx_id: uuid.UUID) -> TxStatus | None:
@@ -142,18 +148,63 @@ class Journal:
 
     # -- writes --------------------------------------------------------------
 
-    def create(self, tx: Outcome, *, durable: bool = False) -> Outcome:
-        """Insert a new transaction (and any steps it already has)."""
+    def create(
+        self,
+        tx: Outcome,
+        *,
+        durable: bool = False,
+        before: Outcome | None = None,
+        cause: Cause | None = None,
+    ) -> Outcome:
+        """Insert a new transaction with its steps, in one write (one statement on
+        PostgreSQL).
 
-        def statements(conn: Connection) -> Outcome:
+        ``before`` is the transaction as it was in memory (PENDING): given, the
+        write is told to the observers like a ``save`` from it. A briefly
+        unreachable database is retried for up to ``patience`` seconds; an
+        insert whose acknowledgement was lost is recognised (the row holds
+        exactly ``tx``), so it is never reported as failed when it landed.
+        """
+        deadline = time.monotonic() + self.patience
+        pause = _FIRST_PAUSE
+        tried = False
+        while True:
+            try:
+                self._insert(tx, durable=durable)
+                break
+            except JournalConflict:
+                if not tried or self.load(tx.id) != tx:
+                    raise
+                break  # the earlier try landed after all
+            except JournalUnavailable as exc:
+                if not exc.transient or time.monotonic() + pause > deadline:
+                    raise
+                tried = True
+                logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
+                time.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
+        if before is not None:
+            tell(Write(before, tx, cause))
+        return tx
+
+    def _insert(self, tx: Outcome, *, durable: bool) -> None:
+        updated_at = self.clock()
+        if self._one_statement:
+
+            def one(conn: Connection) -> None:
+                self._prepared.create_in_one_statement(conn, tx, updated_at)
+
+            return self._run(one, write=True, durable=durable, single=True)
+
+        def statements(conn: Connection) -> None:
             if durable:
                 make_durable(conn)
-            self._prepared.execute(conn, sql.INSERT_TX, rows.tx_to_row(tx))
+            row = {**rows.tx_to_row(tx), "updated_at": updated_at}
+            self._prepared.execute(conn, sql.INSERT_TX, row)
             if tx.steps:
                 self._prepared.execute(
                     conn, sql.INSERT_STEPS, [rows.step_to_row(tx.id, s) for s in tx.steps]
                 )
-            return tx
 
         return self._run(statements, write=True, durable=durable)
 

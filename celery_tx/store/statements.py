@@ -73,18 +73,41 @@ def one_statement_save(tx_keys: tuple[str, ...], changed: int, added: int) -> sa
             .cte(f"u{i}")
         )
         statement = statement.add_cte(update)
-    columns = [c.name for c in _s.columns if c.name != "tx_id"]
     for i in range(added):
-        # INSERT ... SELECT from cas: typed casts, as a SELECT list gives no types.
-        values = [sa.cast(bind(_s, c, f"a{i}_{c}"), _s.c[c].type) for c in columns]
-        insert = (
-            sa.insert(_s)
-            .from_select(["tx_id", *columns], sa.select(cas.c.id, *values))
-            .returning(_s.c.position)
-            .cte(f"a{i}")
-        )
-        statement = statement.add_cte(insert)
+        statement = statement.add_cte(_insert_step_from(cas, f"a{i}"))
     return statement
+
+
+def one_statement_create(tx_keys: tuple[str, ...], steps: int) -> sa.Select[Any]:
+    """``WITH tx AS (INSERT INTO tx ... RETURNING id), a0 AS (INSERT INTO step
+    SELECT ... FROM tx), ... SELECT count(*) FROM tx``: a transaction and its
+    steps in one statement, so one round trip on PostgreSQL."""
+    created = (
+        sa.insert(_t)
+        .values({k: sa.bindparam(k, type_=_t.c[k].type) for k in tx_keys})
+        .returning(_t.c.id)
+        .cte("created")
+    )
+    statement = sa.select(sa.func.count()).select_from(created)
+    for i in range(steps):
+        statement = statement.add_cte(_insert_step_from(created, f"a{i}"))
+    return statement
+
+
+def _insert_step_from(parent: sa.CTE, prefix: str) -> sa.CTE:
+    """``INSERT INTO step SELECT parent.id, :prefix_column...``: a step written only
+    when ``parent``, the CTE that returns its transaction's id, wrote a row."""
+    columns = [c.name for c in _s.columns if c.name != "tx_id"]
+    # Typed casts: a SELECT list gives its parameters no types.
+    values = [
+        sa.cast(sa.bindparam(f"{prefix}_{c}", type_=_s.c[c].type), _s.c[c].type) for c in columns
+    ]
+    return (
+        sa.insert(_s)
+        .from_select(["tx_id", *columns], sa.select(parent.c.id, *values))
+        .returning(_s.c.position)
+        .cte(prefix)
+    )
 
 
 class Prepared:
@@ -125,6 +148,7 @@ class Prepared:
 
 
 _ONE_STATEMENT = sa.text("one statement save")  # marks its shapes among the prepared
+_ONE_STATEMENT_CREATE = sa.text("one statement create")
 
 
 class PreparedWrites:
@@ -137,7 +161,7 @@ class PreparedWrites:
     def _get(self, key: tuple[Any, ...], build: Callable[[], sa.ClauseElement]) -> Prepared:
         prepared = self._prepared.get(key)
         if prepared is None:
-            keys = () if key[0] is _ONE_STATEMENT else key[1]
+            keys = () if key[0] in (_ONE_STATEMENT, _ONE_STATEMENT_CREATE) else key[1]
             prepared = self._prepared.setdefault(key, Prepared(build(), self._dialect, keys))
         return prepared
 
@@ -178,3 +202,15 @@ class PreparedWrites:
             values.update({f"a{i}_{k}": v for k, v in rows.step_to_row(after.id, step).items()})
         matched = conn.exec_driver_sql(prepared.sql, prepared.parameters(values)).scalar()
         return int(matched or 0)
+
+    def create_in_one_statement(self, conn: Connection, tx: Outcome, updated_at: Any) -> None:
+        """Run ``one_statement_create`` for ``tx`` and its steps."""
+        values = {**rows.tx_to_row(tx), "updated_at": updated_at}
+        keys = tuple(values)
+        prepared = self._get(
+            (_ONE_STATEMENT_CREATE, keys, len(tx.steps)),
+            lambda: one_statement_create(keys, len(tx.steps)),
+        )
+        for i, step in enumerate(tx.steps):
+            values.update({f"a{i}_{k}": v for k, v in rows.step_to_row(tx.id, step).items()})
+        conn.exec_driver_sql(prepared.sql, prepared.parameters(values))
