@@ -24,11 +24,11 @@ from celery_tx.arguments import check_timeout
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core import stats as tx_stats
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import InvalidArgument
+from celery_tx.core.errors import InvalidArgument, TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
-from celery_tx.driver import Drivers
+from celery_tx.driver import Driver, Drivers
 from celery_tx.drivers.celery_tasks import binding, hooks
 from celery_tx.drivers.celery_tasks.driver import CeleryDriver
 from celery_tx.drivers.local.driver import LocalDriver
@@ -36,7 +36,7 @@ from celery_tx.handles import CommitHandle
 from celery_tx.ids import parse_tx_id
 from celery_tx.logs import tx_extra
 from celery_tx.operations import Operations
-from celery_tx.snapshots import Snapshots
+from celery_tx.pending import GONE, PendingTransactions, for_journal
 from celery_tx.store import Journal, queries
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
@@ -99,7 +99,7 @@ class TransactionCoordinator:
         self._operations = Operations(
             self._journal, self._drivers, self._sweeper, self._stalled_after
         )
-        self._snapshots = Snapshots(self._journal)
+        self._pending: PendingTransactions = for_journal(self._journal)
         self._lock = threading.Lock()
         self._sweeping: threading.Event | None = None
         metrics.install_default()
@@ -133,9 +133,12 @@ class TransactionCoordinator:
     def begin_transaction(self, name: str | None = None, timeout: float | None = None) -> uuid.UUID:
         """Start a PENDING transaction and return its id.
 
-        ``timeout`` (seconds; default: the coordinator's ``default_timeout``) sets
-        the deadline by which it must be final: ``reap()`` (which every worker
-        runs) rolls it back once the deadline passes.
+        It lives in this process's memory until it is committed (nothing is
+        journaled before): another process cannot see it, and if this process
+        ends first it is gone, having run nothing. ``timeout`` (seconds;
+        default: the coordinator's ``default_timeout``) sets the deadline by
+        which it must be final: ``reap()`` rolls it back once the deadline
+        passes (this process's own sweeps, for a PENDING one).
         """
         arguments.check_name("name", name, optional=True)
         if timeout is None:
@@ -148,7 +151,7 @@ class TransactionCoordinator:
             created_at=now,
             deadline=None if timeout is None else arguments.deadline(now, timeout),
         )
-        self._remember(self._journal.create(tx))
+        self._pending.begin(tx)
         logger.debug("transaction begun", extra=tx_extra(tx.id))
         return tx.id
 
@@ -180,9 +183,9 @@ class TransactionCoordinator:
         registration = driver.describe(
             service_name, commit_function, rollback_function, rollback_retry
         )
-        snapshot = self._snapshots.get(tx_id)  # TransactionNotFound before anything is held
-        with driver.holding(tx_id, registration):
-            self._remember(self._journal.apply(snapshot, self._drivers.adding(registration)))
+        self._pending.change(
+            self._journal, tx_id, self._drivers.adding(registration), registration.held
+        )
         logger.debug("participant registered", extra=tx_extra(tx_id, service_name))
 
     def commit_transaction(self, tx_id: uuid.UUID | str, timeout: float | None = None) -> Outcome:
@@ -194,10 +197,9 @@ class TransactionCoordinator:
         transaction is final; ``TimeoutError`` when ``timeout`` seconds pass
         first, while the transaction goes on.
         """
-        tx_id = parse_tx_id(tx_id)
         check_timeout(timeout)
-        snapshot = self._committing(tx_id)
-        return self._drivers.of(snapshot).commit(snapshot, timeout)
+        driver, started = self._start(parse_tx_id(tx_id))
+        return driver.commit(started, timeout)
 
     def commit_transaction_async(self, tx_id: uuid.UUID | str) -> CommitHandle:
         """Start the commit and return at once with a handle to wait on.
@@ -205,14 +207,14 @@ class TransactionCoordinator:
         Refusals (unknown id, not PENDING, a participant that cannot run) are
         raised here; the handle's ``wait`` returns the final outcome.
         """
-        snapshot = self._committing(parse_tx_id(tx_id))
-        return self._drivers.of(snapshot).commit_async(snapshot)
+        driver, started = self._start(parse_tx_id(tx_id))
+        return driver.commit_async(started)
 
-    def _committing(self, tx_id: uuid.UUID) -> Outcome:
-        """The snapshot to commit; the driver moves it on from here, so it is not kept."""
-        snapshot = self._snapshots.get(tx_id)
-        self._snapshots.drop(tx_id)
-        return snapshot
+    def _start(self, tx_id: uuid.UUID) -> tuple[Driver, Outcome]:
+        """Journal the PENDING transaction started (its driver's one flushed write)."""
+        with self._pending.ending(self._journal, tx_id, "commit") as entry:
+            driver = self._drivers.of(entry.tx)
+            return driver, driver.start(entry.tx, entry.held)
 
     def rollback_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """End a PENDING transaction ROLLED_BACK, every step SKIPPED.
@@ -221,22 +223,34 @@ class TransactionCoordinator:
         other status raises ``TransactionStateError``.
         """
         tx_id = parse_tx_id(tx_id)
+        if self._pending.snapshot(tx_id) is not None:
+            tx = self._pending.roll_back(self._journal, tx_id)
+        else:  # ended already, or journaled PENDING by an earlier version
 
-        def roll_back(tx: Outcome) -> Outcome:
-            if tx.status is TxStatus.ROLLED_BACK:
-                return tx  # already: whoever did it, the answer is the same
-            return tr.rollback_pending(tx, self._journal.clock())
+            def roll_back(current: Outcome) -> Outcome:
+                if current.status is TxStatus.ROLLED_BACK:
+                    return current  # already: whoever did it, the answer is the same
+                return tr.rollback_pending(current, self._journal.clock())
 
-        tx = self._journal.apply(self._snapshots.get(tx_id), roll_back, durable=True)
-        self._remember(tx)
+            tx = self._journal.apply(self._get(tx_id), roll_back, durable=True)
+        self._drivers.forget(tx_id)
         logger.info("transaction rolled back before commit", extra=tx_extra(tx_id))
         return tx
 
     def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
-        """The transaction as journaled now, whoever wrote it."""
-        tx = self._journal.get(parse_tx_id(tx_id))
+        """The transaction as journaled now, whoever wrote it; a PENDING one as this
+        process holds it."""
+        tx = self._get(parse_tx_id(tx_id))
         if tx.is_final:
-            self._forget(tx.id)  # finished, perhaps by another coordinator
+            self._drivers.forget(tx.id)  # finished, perhaps by another coordinator
+        return tx
+
+    def _get(self, tx_id: uuid.UUID) -> Outcome:
+        tx = self._pending.snapshot(tx_id, ending_too=False)
+        if tx is None:  # the journal's, else PENDING still while its commit is journaled
+            tx = self._journal.load(tx_id) or self._pending.snapshot(tx_id)
+        if tx is None:
+            raise TransactionNotFound(f"no transaction {tx_id} in the journal; {GONE}")
         return tx
 
     # -- the sweeps ----------------------------------------------------------
@@ -385,17 +399,7 @@ class TransactionCoordinator:
 
     # -- internals -----------------------------------------------------------
 
-    def _remember(self, tx: Outcome) -> None:
-        if tx.is_final:
-            self._forget(tx.id)
-        else:
-            self._snapshots.keep(tx)
-
     def _stalled_after(self) -> float:
         """The app's ``celery_tx_stalled_after``, read when needed, else the default."""
         value = self.app.conf.get("celery_tx_stalled_after") if self.app is not None else None
         return DEFAULT_STALLED_AFTER if value is None else float(value)
-
-    def _forget(self, tx_id: uuid.UUID) -> None:
-        self._snapshots.drop(tx_id)
-        self._drivers.forget(tx_id)

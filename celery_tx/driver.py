@@ -3,7 +3,8 @@
 A *driver* runs the participants of one kind: ``drivers/local`` calls plain
 callables in this process, ``drivers/celery_tasks`` sends Celery tasks to
 workers. The kind is journaled with the transaction (``Outcome.driver``, set by
-its first registration); the coordinator, the sweeps and the operators' calls
+its first registration, while it is PENDING in memory: ``celery_tx.pending``);
+the coordinator, the sweeps and the operators' calls
 look the driver up by it once per transaction (``Drivers.of``) and call it.
 Nothing else branches on the kind.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -70,15 +70,19 @@ class Driver(Protocol):
     ) -> Registration:
         """The registration as it will be journaled; refuses what it could not run."""
 
-    def holding(self, tx_id: uuid.UUID, registration: Registration) -> AbstractContextManager[None]:
-        """Keep what this process needs to run the step while it is journaled
-        (dropped again when the write fails)."""
+    def start(self, tx: Outcome, held: list[Any]) -> Outcome:
+        """Journal a PENDING transaction started (one flushed write) and return it.
+
+        ``held`` is, per step, what ``describe`` gave to keep in this process.
+        Everything that would refuse the commit is checked before the write:
+        a refusal leaves nothing journaled.
+        """
 
     def commit(self, tx: Outcome, timeout: float | None) -> Outcome:
-        """Start a PENDING transaction and wait for it to be final."""
+        """Run or send a transaction ``start`` journaled; wait for it to be final."""
 
     def commit_async(self, tx: Outcome) -> CommitHandle:
-        """Start a PENDING transaction and return a handle to wait on."""
+        """Run or send a transaction ``start`` journaled; return a handle to wait on."""
 
     def check(self, tx: Outcome, *, strict: bool = False) -> None:
         """Raise ``ParticipantNotResolvable`` if this process cannot carry ``tx`` on.

@@ -193,7 +193,8 @@ class JournalCollector:
     """Gauges read from the journal when Prometheus scrapes (register it once, in
     the process that serves ``/metrics``):
 
-    - ``celery_tx_open_transactions{name,status}``: transactions not final yet;
+    - ``celery_tx_open_transactions{name,status}``: journaled transactions not
+      final yet (a PENDING one is only in its process's memory: not counted);
     - ``celery_tx_oldest_open_transaction_seconds``: the age of the oldest of them;
     - ``celery_tx_journal_up``: 1, or 0 when the journal did not answer (then
       the other two are left out rather than failing the whole scrape).

@@ -92,6 +92,15 @@ class Operations:
     def abort(self, tx_id: uuid.UUID, reason: str) -> Outcome:
         """Roll back a PENDING or RUNNING transaction now
         (see ``TransactionCoordinator.abort_transaction``)."""
+        pending = self.sweeper.pending
+        if pending.snapshot(tx_id) is not None:
+            try:
+                tx = pending.roll_back(self.journal, tx_id, error=reason, cause=Cause.ABORTED)
+            except TransactionStateError:
+                pass  # committed meanwhile: abort it from the journal below
+            else:
+                logger.warning("aborted: %s", reason, extra=tx_extra(tx_id))
+                return tx
         tx = self.journal.get(tx_id)
         # Set by the write that wins: after a lost race apply() runs abort() again
         # on the winner's state, and only a rollback this call made is logged.

@@ -3,8 +3,9 @@
 Two sweeps, each safe to run in any number of processes at once:
 
 - ``reap``: a transaction still PENDING or RUNNING past its deadline is rolled
-  back. A PENDING one ends ROLLED_BACK (nothing ran); a RUNNING one is
-  compensated, its RUNNING step counted as possibly applied.
+  back. A PENDING one (in this process's memory: ``celery_tx.pending``) ends
+  ROLLED_BACK, journaled (nothing ran); a RUNNING one is compensated, its
+  RUNNING step counted as possibly applied.
 - ``recover``: a RUNNING or COMPENSATING transaction whose journal has not
   changed for ``stalled_after`` seconds (its message was lost with a broker,
   its process died between two writes, a retry could not be published) goes on
@@ -41,6 +42,7 @@ from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Driver, Drivers, Event, start_rollback
 from celery_tx.logs import tx_extra
+from celery_tx.pending import for_journal
 from celery_tx.store import Journal, candidates
 
 logger = logging.getLogger("celery_tx.recovery")  # the name logging configs know
@@ -93,6 +95,8 @@ class Sweeper:
         self.journal = journal
         self.drivers = drivers
         self.step_limit = step_limit
+        self.pending = for_journal(journal)
+        """This process's PENDING transactions of the journal: only it can reap them."""
 
     def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
         """Reap, then (``overtime``) roll back steps past their time limit, then recover."""
@@ -105,7 +109,7 @@ class Sweeper:
 
     def reap(self, limit: int = _BATCH) -> SweepReport:
         """Roll back the transactions past their deadline (up to ``limit``)."""
-        report = SweepReport()
+        report = self._reap_pending()
         for tx_id in candidates.claim(
             self.journal,
             statuses=(TxStatus.PENDING, TxStatus.RUNNING),
@@ -115,6 +119,25 @@ class Sweeper:
             deadline_before=self.journal.clock(),
         ):
             self._guarded(tx_id, report, self._reap_one)
+        return report
+
+    def _reap_pending(self) -> SweepReport:
+        """End this process's PENDING transactions past their deadline ROLLED_BACK."""
+        report = SweepReport()
+        for tx_id in self.pending.past_deadline(self.journal.clock()):
+            tx = self.pending.snapshot(tx_id)
+            if tx is None or tx.deadline is None:
+                continue
+            reason = f"deadline {tx.deadline.isoformat()} passed"
+            try:
+                self.pending.roll_back(self.journal, tx_id, error=reason, cause=Cause.ROLLED_BACK)
+            except TransactionStateError:
+                continue  # committed or rolled back meanwhile
+            except Exception as exc:
+                _left_for_later(tx_id, report, exc)
+                continue
+            report.rolled_back.append(tx_id)
+            logger.warning("rolled back before commit: %s", reason, extra=tx_extra(tx_id))
         return report
 
     def reap_overtime(self, limit: int = _BATCH) -> SweepReport:
@@ -156,7 +179,7 @@ class Sweeper:
         if tx.deadline is None or tx.deadline >= self.journal.clock() or tx.status.is_final:
             return
         reason = f"deadline {tx.deadline.isoformat()} passed"
-        if tx.status is TxStatus.PENDING:
+        if tx.status is TxStatus.PENDING:  # journaled PENDING by an earlier version
             roll_back = _unchanged(
                 tx, lambda t: tr.rollback_pending(t, self.journal.clock(), error=reason)
             )

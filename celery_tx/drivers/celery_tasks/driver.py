@@ -1,6 +1,6 @@
 """``CeleryDriver``: participants are ``@participant`` tasks, run by Celery workers.
 
-commit journals the transaction RUNNING (a flushed write), then sends
+commit journals the transaction RUNNING with its steps (one flushed write), then sends
 ``chain(action_1, ..., action_n)`` with ``dispatch.step_failed`` as its errback;
 the workers journal each step around the user's function (``worker``), and the
 last action's write commits. Resuming and compensating send chains too.
@@ -9,9 +9,8 @@ last action's write commits. Resuming and compensating send chains too.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery.canvas import Signature
@@ -52,6 +51,9 @@ class CeleryDriver:
     def __init__(self, journal: Journal, app: Any = None) -> None:
         self.journal = journal
         self.app = app
+        # Built by start() for commit_async() to send: a commit builds them once.
+        self._signatures: dict[uuid.UUID, list[Signature]] = {}
+        self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
@@ -97,11 +99,6 @@ class CeleryDriver:
         )
         return Registration(KIND, step)
 
-    @contextmanager
-    def holding(self, tx_id: uuid.UUID, registration: Registration) -> Iterator[None]:
-        """Nothing to hold: the journal says all a worker needs."""
-        yield
-
     def forget(self, tx_id: uuid.UUID) -> None:
         """Nothing is held."""
 
@@ -111,35 +108,45 @@ class CeleryDriver:
         """Send the transaction, then wait for the workers to end it."""
         return self.commit_async(tx).wait(timeout)
 
-    def commit_async(self, tx: Outcome) -> CommitHandle:
-        """Journal the transaction RUNNING and send its chain of actions."""
-        app = self.app
-        if app is None:
-            raise ParticipantNotResolvable(
-                f"transaction {tx.id} has Celery task participants: commit it with "
-                "TransactionCoordinator(app=...)"
-            )
-        signatures: list[Signature] = []
-
-        def start(current: Outcome) -> Outcome:
-            tr.require_pending(current, "commit")
-            # Built for the very snapshot started: a step naming a task that is
-            # not a participant here stops the commit before anything is journaled.
-            signatures[:] = dispatch.action_signatures(app, current)
-            # The first step stays PENDING until its worker journals it RUNNING:
-            # if the chain cannot be sent, nothing has started and the rollback
-            # is complete at once.
-            return tr.start_commit(current, self.journal.clock())
-
+    def start(self, tx: Outcome, held: list[Any]) -> Outcome:
+        """Journal the transaction RUNNING (flushed), once its chain can be built."""
+        app = self._app_for(tx)
+        tr.require_pending(tx, "commit")
+        # Built first: a step naming a task that is not a participant here stops
+        # the commit before anything is journaled.
+        signatures = dispatch.action_signatures(app, tx)
+        # The first step stays PENDING until its worker journals it RUNNING: if
+        # the chain cannot be sent, nothing has started and the rollback is
+        # complete at once.
+        started = tr.start_commit(tx, self.journal.clock())
         # Durable: the workers' effects may begin as soon as the chain is sent.
-        tx = self.journal.apply(tx, start, durable=True)
+        started = self.journal.create(started, durable=True, before=tx)
+        with self._lock:
+            self._signatures[started.id] = signatures
+        return started
+
+    def commit_async(self, tx: Outcome) -> CommitHandle:
+        """Send the chain of actions of a transaction ``start`` journaled."""
+        with self._lock:
+            signatures = self._signatures.pop(tx.id, None)
         if tx.status is TxStatus.RUNNING:
+            app = self._app_for(tx)
+            if signatures is None:
+                signatures = dispatch.action_signatures(app, tx)
             try:
                 dispatch.send_actions(app, tx, signatures)
             except Exception as exc:
                 self._unsent(tx, exc)
             logger.info("transaction committing", extra=tx_extra(tx.id))
         return CommitHandle(tx.id, self.journal)
+
+    def _app_for(self, tx: Outcome) -> Any:
+        if self.app is None:
+            raise ParticipantNotResolvable(
+                f"transaction {tx.id} has Celery task participants: commit it with "
+                "TransactionCoordinator(app=...)"
+            )
+        return self.app
 
     def _unsent(self, tx: Outcome, exc: Exception) -> None:
         """The chain could not be sent: roll back what (nothing, unless a worker got it) ran."""

@@ -1,9 +1,9 @@
 """``LocalDriver``: participants are plain callables, run in the calling process.
 
 Importable functions (and partials of them with JSON arguments) are journaled by
-module and qualified name, so any process sharing the journal can run them.
-Lambdas and closures run only in the process that registered them: it holds
-them here, under a registration token journaled with the step.
+module and qualified name, so any process sharing the journal can resume them.
+Lambdas and closures run only in the process that registered them: from the
+commit on it holds them here, by step position.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from typing import Any
 
 from celery_tx.core import transitions as tr
@@ -33,8 +32,6 @@ logger = logging.getLogger("celery_tx.local")
 
 KIND = "local"
 """The journaled kind of transactions of in-process callables."""
-TOKEN = "local_token"
-"""Key of the registration token in a journaled action."""
 
 
 class LocalDriver:
@@ -53,9 +50,9 @@ class LocalDriver:
     ) -> None:
         self.journal = journal
         self.runner = LocalRunner(journal, sleep=sleep, retry=retry)
-        # The callables registered here, by transaction and registration token:
-        # lambdas and closures run only from here.
-        self._calls: dict[uuid.UUID, dict[str, LocalCall]] = {}
+        # The callables of the transactions committed here, by position: lambdas
+        # and closures run only from here.
+        self._calls: dict[uuid.UUID, list[LocalCall]] = {}
         self._lock = threading.Lock()
 
     # -- registering ---------------------------------------------------------
@@ -71,43 +68,21 @@ class LocalDriver:
         rollback_function: Any,
         rollback_retry: RetryPolicy | None,
     ) -> Registration:
-        """The callables' journal form, with a fresh registration token."""
+        """The callables' journal form; the callables themselves are held."""
         if rollback_function is None:
             raise InvalidParticipant(
                 "rollback_function is required with a plain callable; only a participant "
                 "task's signature brings its declared compensation"
             )
-        action = callables.describe(commit_function, role="commit_function")
-        # The token ties the journaled step to the callables held here. Of threads
-        # racing to register one name, only the journal's winner's token is looked
-        # up later, and each loser removes only its own entry.
-        token = uuid.uuid4().hex
         step = StepOutcome(
             position=0,
             name=service_name,
             status=StepStatus.PENDING,
-            action={**action, TOKEN: token},
+            action=callables.describe(commit_function, role="commit_function"),
             compensation=callables.describe(rollback_function, role="rollback_function"),
             retry=rollback_retry,
         )
         return Registration(KIND, step, LocalCall(commit_function, rollback_function))
-
-    @contextmanager
-    def holding(self, tx_id: uuid.UUID, registration: Registration) -> Iterator[None]:
-        """Hold the callables before the step is journaled, so a commit racing in
-        from another thread finds them as soon as it is; drop them if the write fails."""
-        token = registration.step.action[TOKEN]
-        with self._lock:  # one step with the cleanup below: no refused call empties it
-            calls = self._calls.setdefault(tx_id, {})
-            calls[token] = registration.held
-        try:
-            yield
-        except BaseException:
-            with self._lock:
-                calls.pop(token, None)
-                if not calls and self._calls.get(tx_id) is calls:
-                    del self._calls[tx_id]
-            raise
 
     def forget(self, tx_id: uuid.UUID) -> None:
         """Drop the callables held for a transaction that ended."""
@@ -120,6 +95,25 @@ class LocalDriver:
 
     # -- running -------------------------------------------------------------
 
+    def start(self, tx: Outcome, held: list[Any]) -> Outcome:
+        """Journal the transaction RUNNING with its first step started (flushed)."""
+        tr.require_pending(tx, "commit")
+        with self._lock:  # describe() gave a LocalCall per step
+            self._calls[tx.id] = list(held)
+        now = self.journal.clock()
+        started = tr.start_commit(tx, now)
+        if started.status is TxStatus.RUNNING:
+            started = tr.start_action(started, 0, now)
+        try:
+            # Durable: before the first action can have an effect, the journal must
+            # hold the transaction, its participants and the fact that it runs.
+            started = self.journal.create(started, durable=True, before=tx)
+        except BaseException:
+            self.forget(tx.id)
+            raise
+        logger.info("transaction committing", extra=tx_extra(tx.id))
+        return started
+
     def commit(self, tx: Outcome, timeout: float | None) -> Outcome:
         """Run the transaction in this thread; with a timeout, in a helper thread."""
         if timeout is None:
@@ -127,35 +121,14 @@ class LocalDriver:
         return self.commit_async(tx).wait(timeout)
 
     def commit_async(self, tx: Outcome) -> CommitHandle:
-        """Run the transaction in a helper thread; refusals are raised here."""
-        tr.require_pending(tx, "commit")  # refused now, not when waited on
+        """Run the transaction in a helper thread."""
         run: Future[Outcome] = Future()
         threading.Thread(target=_settle, args=(run, self._commit, tx), daemon=True).start()
         return CommitHandle(tx.id, self.journal, run)
 
-    def _commit(self, snapshot: Outcome) -> Outcome:
-        calls: list[LocalCall] = []
-
-        def start(tx: Outcome) -> Outcome:
-            tr.require_pending(tx, "commit")
-            if tx.driver != KIND:  # registered from elsewhere since the snapshot
-                raise InvalidParticipant(f"transaction {tx.id} holds {tx.driver} participants now")
-            # Resolved for the very snapshot being started (a reload after a lost
-            # race may hold more steps); a step nobody can run stops it here,
-            # before anything is journaled.
-            calls[:] = [self._resolve(tx.id, step) for step in tx.steps]
-            now = self.journal.clock()
-            started = tr.start_commit(tx, now)
-            if started.status is TxStatus.RUNNING:
-                started = tr.start_action(started, 0, now)
-            return started
-
-        # Durable: before the first action can have an effect, the journal must
-        # hold the transaction, its participants and the fact that it runs.
-        tx = self.journal.apply(snapshot, start, durable=True)
-        logger.info("transaction committing", extra=tx_extra(tx.id))
+    def _commit(self, tx: Outcome) -> Outcome:
         if tx.status is TxStatus.RUNNING:
-            tx = self.runner.run_actions(tx, calls)
+            tx = self.runner.run_actions(tx, self._resolve_all(tx))
         # Kept while the run stopped early (the journal became unreachable): the
         # callables are what a later retry in this process would need. A sweep's
         # or an operator's run keeps them until the coordinator sees it final.
@@ -179,9 +152,9 @@ class LocalDriver:
         return [self._resolve(tx.id, step) for step in tx.steps]
 
     def _resolve(self, tx_id: uuid.UUID, step: StepOutcome) -> LocalCall:
-        registered = self._calls.get(tx_id, {}).get(step.action.get(TOKEN, ""))
-        if registered is not None:
-            return registered
+        held = self._calls.get(tx_id)
+        if held is not None and step.position < len(held):
+            return held[step.position]
         return LocalCall(callables.resolve(step.action), callables.resolve(step.compensation))
 
 
