@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from celery_tx import RetryPolicy, TransactionCoordinator
+from celery_tx import RetryPolicy, TransactionCoordinator, pending
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -69,7 +69,13 @@ def postgres_url() -> Iterator[str]:
 
 
 def truncate_journal(url: str) -> None:
-    """Empty the journal's tables (the schema version too), so each test starts clean."""
+    """Empty the journal's tables (the schema version too), so each test starts clean.
+
+    This process's PENDING transactions of that database go too: they are shared
+    by URL (``celery_tx.pending``), and an earlier test's must not be reaped or
+    counted by the next one's.
+    """
+    pending._shared.forget_all()
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         tables = sa.inspect(conn).get_table_names()

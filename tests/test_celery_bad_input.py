@@ -47,6 +47,7 @@ from celery_tx.drivers.celery_tasks import registry
 from celery_tx.store import schema
 from tests.apps import tasks
 from tests.apps.tasks import effects
+from tests.journaled import start_without_running
 from tests.participants import append_line
 from tests.stacks import Stack
 
@@ -456,7 +457,7 @@ def test_an_unknown_transaction_id_is_refused(
 ) -> None:
     """A well-formed id the journal does not hold raises TransactionNotFound, creates nothing."""
     unknown = uuid.uuid4()
-    match = f"no transaction {unknown} in the journal"
+    match = f"no transaction {unknown} in the journal; a PENDING transaction lives only in"
     with _refused(TransactionNotFound, match):
         coordinator.register_participant(unknown, "a", tasks.step.s(path, "a"))
     with _refused(TransactionNotFound, match):
@@ -692,15 +693,17 @@ def _tamper(url: str, tx_id: uuid.UUID, step: str, column: str, **changes: Any) 
 def test_a_journaled_compensation_that_is_not_declared_is_refused_not_run(
     coordinator: TransactionCoordinator, celery_app: Any, celery_worker: Any, tmp_path: Path
 ) -> None:
-    """Step a's compensation is rewritten to os.system in the journal, then c fails: a's
-    compensation is refused (COMPENSATION_FAILED, "refused"), never sent; b and c are still
-    compensated; the transaction ends FAILED naming a."""
+    """Step a's compensation is rewritten to os.system in the journal once the commit
+    journaled it, then c fails: a's compensation is refused (COMPENSATION_FAILED,
+    "refused"), never sent; b and c are still compensated; the transaction ends FAILED
+    naming a."""
     path = str(tmp_path / "effects")
     canary = tmp_path / "canary"
     tx_id = coordinator.begin_transaction()
     coordinator.register_participant(tx_id, "a", tasks.step.s(path, "a"))
     coordinator.register_participant(tx_id, "b", tasks.step.s(path, "b"))
     coordinator.register_participant(tx_id, "c", tasks.step.s(path, "c", "fail"))
+    started = start_without_running(coordinator, tx_id)
     # Harmless, and visible if it ever ran (a worker does not even know the name).
     payload = f'[["touch {canary}"], {{}}]'
     _tamper(
@@ -709,7 +712,7 @@ def test_a_journaled_compensation_that_is_not_declared_is_refused_not_run(
         task="os.system",
         arguments=payload,
     )
-    outcome = coordinator.commit_transaction(tx_id, timeout=WAIT)
+    outcome = coordinator._drivers.of(started).commit(started, WAIT)  # sends what start built
     assert outcome.status is TxStatus.FAILED
     assert outcome.failed_step == "a"
     a, b, c = outcome.steps
@@ -728,23 +731,23 @@ def test_a_journaled_compensation_that_is_not_declared_is_refused_not_run(
 
 
 @EMBEDDED
-def test_a_journaled_action_that_is_not_declared_stops_the_commit(
+def test_a_journaled_action_that_is_not_declared_is_not_sent(
     coordinator: TransactionCoordinator, celery_app: Any, stack: Stack, path: str
 ) -> None:
-    """A step whose journaled action names os.system: a coordinator committing from the
-    journal raises InvalidParticipant before anything is journaled or sent."""
+    """A journaled step whose action was rewritten to os.system after the commit's write:
+    a coordinator resuming it from the journal (its first message was lost) refuses it
+    with InvalidParticipant, and sends nothing."""
     tx_id = coordinator.begin_transaction()
     coordinator.register_participant(tx_id, "a", tasks.step.s(path, "a"))
+    start_without_running(coordinator, tx_id)  # journaled; its message never sent
     _tamper(celery_app.conf.celery_tx_database_url, tx_id, "a", "action", task="os.system")
     with TransactionCoordinator(app=celery_app) as other:  # reads the row, not a cache
-        with _refused(
-            InvalidParticipant,
-            "names 'os.system', which is not a celery-tx action task in this process",
-        ):
-            other.commit_transaction(tx_id, timeout=WAIT)
+        report = other.recover(stalled_after=0)
         tx = other.get_transaction(tx_id)
-    assert tx.status is TxStatus.PENDING
-    assert [s.status for s in tx.steps] == [StepStatus.PENDING]
+    ((failed_id, error),) = report.errors
+    assert failed_id == tx_id
+    assert "names 'os.system', which is not a celery-tx action task in this process" in error
+    assert tx.status is TxStatus.RUNNING  # left for an operator: nothing ran
     assert _sent(stack) == []
     assert effects(path) == []
 

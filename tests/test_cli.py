@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from celery_tx import TransactionCoordinator, TxStatus
-from celery_tx.core import transitions as tr
+from tests.journaled import journal_pending, journal_started
 from tests.participants import append_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +38,9 @@ def test_reap_and_recover_in_process_transactions(tmp_path: Path):
         coordinator.register_participant(
             stalled, "a", functools.partial(append_line, str(log), "a"), print
         )
-        journal = coordinator._journal
         now = datetime.now(UTC)
-        journal.apply(
-            journal.load(stalled), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
-        )
+        journal_started(coordinator, stalled, now)
+        journal_pending(coordinator, late)  # as an earlier version left it: the CLI sees it
 
     reaped = _celery("tx", "reap", "--database-url", url, "--json")
     assert reaped.returncode == 0, reaped.stderr

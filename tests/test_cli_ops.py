@@ -26,6 +26,7 @@ from celery_tx import RetryPolicy, TransactionCoordinator, TxStatus
 from celery_tx.cli import tx
 from celery_tx.core import transitions as tr
 from celery_tx.store.schema import transactions
+from tests.journaled import journal_pending, journal_started
 from tests.participants import append_line, append_unless_flagged, fail_with
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,21 +104,21 @@ def journal(database_url: str, tmp_path: Path) -> Journal:
         ids[TxStatus.RUNNING] = running = c.begin_transaction(name="order")
         c.register_participant(running, "charge", *_step(effects, "running.charge"))
         c.register_participant(running, "email", *_step(effects, "running.email"))
-        journal.apply(
-            journal.load(running), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
-        )
+        journal_started(c, running, now)
 
         ids[TxStatus.COMPENSATING] = compensating = c.begin_transaction(name="order")
         c.register_participant(compensating, "charge", *_step(effects, "compensating.charge"))
         c.register_participant(compensating, "email", *_step(effects, "compensating.email"))
 
         def half_undone(t: Any) -> Any:
-            t = tr.start_action(tr.start_commit(t, now), 0, now)
             t = tr.finish_action(t, 0, None, now)
             t = tr.start_action(t, 1, now)
             return tr.fail_action(t, 1, "Boom: email failed", now)
 
-        journal.apply(journal.load(compensating), half_undone)
+        journal.apply(journal_started(c, compensating, now), half_undone)
+        # PENDING lives in this process only: journaled as an earlier version did,
+        # so that the commands (other processes) see one.
+        journal_pending(c, pending)
     effects.write_text("")
     found = Journal(database_url, ids, effects, flag)
     assert {status: found.status(i) for status, i in ids.items()} == {s: s for s in ids}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -15,7 +17,6 @@ from celery_tx import (
     InvalidArgument,
     InvalidParticipant,
     InvalidTransactionId,
-    ParticipantNotResolvable,
     RetryPolicy,
     StepStatus,
     TransactionCoordinator,
@@ -285,18 +286,56 @@ def test_importable_participants_run_from_another_coordinator(
         assert f.read().splitlines() == ["a commit", "b commit"]
 
 
-def test_lambda_participants_cannot_run_elsewhere_and_nothing_changes(
+def test_coordinators_of_one_process_share_pending_transactions(
     coordinator: TransactionCoordinator, database_url: str
 ) -> None:
-    """A coordinator that cannot resolve a lambda refuses to commit and leaves it PENDING."""
+    """PENDING transactions live in the process, shared by its coordinators of one
+    journal: another one sees, extends and commits it, lambdas included."""
+    ran: list[str] = []
     tx_id = coordinator.begin_transaction()
-    coordinator.register_participant(tx_id, "a", lambda: None, lambda: None)
-    before = coordinator.get_transaction(tx_id)
+    coordinator.register_participant(tx_id, "a", lambda: ran.append("a"), lambda: None)
     with TransactionCoordinator(database_url) as other:
-        with pytest.raises(ParticipantNotResolvable):
-            other.commit_transaction(tx_id)
-        assert other.get_transaction(tx_id) == before
+        assert other.get_transaction(tx_id) == coordinator.get_transaction(tx_id)
+        other.register_participant(tx_id, "b", lambda: ran.append("b"), lambda: None)
+        assert other.commit_transaction(tx_id).status is TxStatus.COMMITTED
+    assert ran == ["a", "b"]
+    assert coordinator.get_transaction(tx_id).status is TxStatus.COMMITTED
+
+
+_ASK_ELSEWHERE = """
+import sys
+from celery_tx import TransactionCoordinator, TransactionNotFound
+with TransactionCoordinator(sys.argv[1]) as coordinator:
+    for call in (coordinator.get_transaction, coordinator.commit_transaction,
+                 coordinator.rollback_transaction, coordinator.abort_transaction):
+        try:
+            call(sys.argv[2])
+        except TransactionNotFound as exc:
+            print(exc)
+"""
+
+
+def test_another_process_cannot_see_a_pending_transaction(
+    coordinator: TransactionCoordinator, database_url: str
+) -> None:
+    """Nothing is journaled before the commit: another process gets TransactionNotFound,
+    saying why, from every call; the journal holds no row for it."""
+    tx_id = coordinator.begin_transaction()
+    coordinator.register_participant(tx_id, "a", print, print)
+    asked = subprocess.run(
+        [sys.executable, "-c", _ASK_ELSEWHERE, database_url, str(tx_id)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    answers = asked.stdout.splitlines()
+    assert len(answers) == 4, asked.stderr
+    assert all(str(tx_id) in a and "lives only in the memory of the process" in a for a in answers)
+    assert coordinator.journal.load(tx_id) is None
+    assert coordinator.get_transaction(tx_id).status is TxStatus.PENDING
     assert coordinator.commit_transaction(tx_id).status is TxStatus.COMMITTED
+    assert coordinator.journal.get(tx_id).status is TxStatus.COMMITTED
 
 
 # -- bad input: a typed error, and the journal unchanged -----------------------

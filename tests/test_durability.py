@@ -1,10 +1,11 @@
 """The durability model of in-process transactions, observed at each journal commit.
 
 Per committed transaction exactly two journal commits are durable: the one that
-moves it to RUNNING (before the first action runs) and the one that writes its
-final status. Every other commit is not. Durable means, at the moment of the
-commit: on SQLite ``PRAGMA synchronous`` is 2 (FULL), else 1 (NORMAL), with the
-journal in WAL mode; on PostgreSQL ``synchronous_commit`` is ``on``, else ``off``.
+writes it RUNNING (before the first action runs; beginning and registering write
+nothing) and the one that writes its final status. Every other commit is not.
+Durable means, at the moment of the commit: on SQLite ``PRAGMA synchronous`` is
+2 (FULL), else 1 (NORMAL), with the journal in WAL mode; on PostgreSQL
+``synchronous_commit`` is ``on``, else ``off``.
 
 A ``commit`` event listener on the journal's engine reads the setting through the
 raw DBAPI connection (not through SQLAlchemy, so no events recurse) and records
@@ -95,6 +96,7 @@ def raw_scalar(dbapi_connection: Any, sql: str) -> Any:
 def recorder(coordinator: TransactionCoordinator) -> Iterator[Recorder]:
     """Records every commit of ``coordinator``'s journal from now on."""
     journal = coordinator._journal
+    journal.load(uuid.uuid4())  # the journal's first statement creates the schema: not counted
     # On PostgreSQL single statements run on autocommit engines: each is its own
     # commit, which SQLAlchemy still reports through the same event.
     engines = journal.engines
@@ -145,7 +147,7 @@ def test_commit_flushes_before_the_first_action_and_at_the_end(
     assert outcome.status is TxStatus.COMMITTED
     call = "commit_transaction"
     assert recorder.events == [
-        commit(call, DURABLE),  # PENDING -> RUNNING, step a RUNNING
+        commit(call, DURABLE),  # the transaction, RUNNING, step a RUNNING
         ("action", "a"),
         commit(call, LAZY),  # a DONE, b RUNNING
         ("action", "b"),
@@ -167,7 +169,7 @@ def test_a_rolled_back_end_is_durable(
     assert outcome.status is TxStatus.ROLLED_BACK
     call = "commit_transaction"
     assert recorder.events == [
-        commit(call, DURABLE),  # PENDING -> RUNNING, step a RUNNING
+        commit(call, DURABLE),  # the transaction, RUNNING, step a RUNNING
         ("action", "a"),
         commit(call, LAZY),  # a DONE, b RUNNING
         ("action", "b"),
@@ -211,17 +213,12 @@ def test_rolling_back_a_pending_transaction_is_durable(
     assert recorder.commits("rollback_transaction") == [commit("rollback_transaction", DURABLE)]
 
 
-def test_beginning_and_registering_are_not_durable(
+def test_beginning_and_registering_touch_no_database(
     coordinator: TransactionCoordinator, recorder: Recorder
 ) -> None:
-    """begin_transaction and register_participant commit without a flush."""
-    for _ in range(2):  # the first begin also creates the schema
+    """begin_transaction and register_participant neither write nor read: a PENDING
+    transaction is in its process's memory until the commit (celery_tx.pending)."""
+    for _ in range(2):
         prepared(coordinator, recorder, ["a", "b", "c"])
 
-    begins = recorder.commits("begin_transaction")
-    registrations = recorder.commits("register_participant")
-    assert len(registrations) == 6
-    assert len(begins) >= 2
-    assert begins[-1] == commit("begin_transaction", LAZY)
-    assert {e[3] for e in begins + registrations} == {LAZY}
-    assert recorder.events == recorder.commits(), "no participant ran"
+    assert recorder.events == []

@@ -67,7 +67,7 @@ def test_a_long_outage_raises_and_keeps_what_a_retry_needs(database_url: str) ->
 
         def save(*args: Any, **kwargs: Any) -> Any:
             saves[0] += 1
-            if saves[0] > 1:  # the durable start went through; then the database is gone
+            if saves[0] > 0:  # the durable start (a create) went through; then the database is gone
                 raise JournalUnavailable("connection refused (simulated)", transient=True)
             return real_save(*args, **kwargs)
 
@@ -82,23 +82,28 @@ def test_a_long_outage_raises_and_keeps_what_a_retry_needs(database_url: str) ->
 
 
 def test_a_refused_write_is_not_retried(database_url: str) -> None:
-    """A write the database refuses (not an outage) raises at once, with a typed error."""
+    """A write the database refuses (not an outage) raises at once, with a typed error;
+    the refused commit leaves the transaction PENDING, as it was, to commit again."""
     with TransactionCoordinator(database_url) as coordinator:
-        calls = _flaky_saves(coordinator, failures=0)
         journal = coordinator._journal
-        real_save = journal.save
+        real_insert = journal._insert
+        calls = [0]
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
             calls[0] += 1
             raise JournalUnavailable("value refused (simulated)", transient=False)
 
         tx_id = coordinator.begin_transaction()
-        journal.save = refuse  # type: ignore[method-assign]
-        with pytest.raises(JournalUnavailable):
-            coordinator.register_participant(tx_id, "a", print, print)
+        coordinator.register_participant(tx_id, "a", print, print)
+        journal._insert = refuse  # type: ignore[method-assign]
+        with pytest.raises(JournalUnavailable, match="value refused"):
+            coordinator.commit_transaction(tx_id)
         assert calls[0] == 1
-        journal.save = real_save  # type: ignore[method-assign]
-        assert coordinator.get_transaction(tx_id).steps == ()
+        journal._insert = real_insert  # type: ignore[method-assign]
+        pending = coordinator.get_transaction(tx_id)
+        assert (pending.status, len(pending.steps)) == (TxStatus.PENDING, 1)
+        assert journal.load(tx_id) is None  # nothing half-written
+        assert coordinator.commit_transaction(tx_id).status is TxStatus.COMMITTED
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
@@ -226,24 +231,34 @@ def test_many_threads_registering_on_one_transaction_all_succeed(
 
 
 def test_a_journal_that_went_back_in_time_is_not_trusted(database_url: str) -> None:
-    """If the database loses writes this coordinator saw, commit refuses the older state."""
+    """If the database loses writes this coordinator saw, the run refuses the older state.
+
+    Only the writes between the two flushed ones can be lost (asynchronous commit):
+    here the one that marked order DONE and payment RUNNING, lost while payment runs.
+    """
     with TransactionCoordinator(database_url) as coordinator:
         recorder = Recorder()
         tx_id = coordinator.begin_transaction()
-        for name in ("order", "payment", "shipping"):
-            coordinator.register_participant(tx_id, name, *recorder.participant(name))
-        # Simulate a crash that lost the last registration (asynchronous commit).
+        order = recorder.participant("order")
+        coordinator.register_participant(tx_id, "order", *order)
         engine = sa.create_engine(database_url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(
-                "DELETE FROM celery_tx_steps WHERE name = 'shipping'",
-            )
-            conn.exec_driver_sql("UPDATE celery_tx_transactions SET version = version - 1")
-        engine.dispose()
+
+        def payment() -> None:  # a crash-restart of the database lost the last write
+            recorder.record("payment", "commit")
+            with engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "UPDATE celery_tx_steps SET status = CASE name WHEN 'order' THEN "
+                    "'RUNNING' ELSE 'PENDING' END"
+                )
+                conn.exec_driver_sql("UPDATE celery_tx_transactions SET version = version - 1")
+
+        coordinator.register_participant(tx_id, "payment", payment, print)
+        coordinator.register_participant(tx_id, "shipping", *recorder.participant("shipping"))
         with pytest.raises(JournalUnavailable, match="lost writes"):
             coordinator.commit_transaction(tx_id)
-        assert recorder.calls == []
-        assert coordinator.get_transaction(tx_id).status is TxStatus.PENDING
+        engine.dispose()
+        assert recorder.calls == [("order", "commit"), ("payment", "commit")]  # not shipping
+        assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING  # for recovery
 
 
 def test_partials_whose_arguments_json_would_change_are_not_importable(tmp_path: object) -> None:
@@ -287,7 +302,9 @@ def test_a_postgres_urls_own_options_are_kept(postgres_url: str) -> None:
     url = sa.make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
     try:
         with TransactionCoordinator(url.render_as_string(hide_password=False)) as coordinator:
-            coordinator.get_transaction(coordinator.begin_transaction())
+            tx_id = coordinator.begin_transaction()
+            coordinator.register_participant(tx_id, "a", print, print)
+            coordinator.commit_transaction(tx_id)
         with admin.connect() as conn:
             tables = sa.inspect(conn).get_table_names(schema=schema)
         assert "celery_tx_transactions" in tables
@@ -324,7 +341,7 @@ def test_refused_registrations_hold_nothing(coordinator: TransactionCoordinator)
     with pytest.raises(TransactionStateError):
         coordinator.register_participant(tx_id, "a", print, print)
     assert not coordinator._local._calls
-    assert not coordinator._snapshots
+    assert len(coordinator._pending) == 0
 
 
 @pytest.mark.parametrize("lost", [1, 2, 4], ids=["start", "middle", "final"])

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 import celery_tx
 from celery_tx import JournalCollector, RetryPolicy, TransactionCoordinator, install_metrics
-from celery_tx.core import transitions as tr
 from celery_tx.metrics import TransactionMetrics
+from tests.journaled import journal_started
 from tests.participants import append_line, fail_with
 
 
@@ -61,9 +61,7 @@ def test_a_known_sequence_gives_known_values(
         stalled = c.begin_transaction(name="order")
         c.register_participant(stalled, "charge", functools.partial(append_line, log, "c"), print)
         now = datetime.now(UTC)
-        c._journal.apply(
-            c._journal.load(stalled), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
-        )
+        journal_started(c, stalled, now)
         assert c.recover(stalled_after=0).resumed == [stalled]
 
     def v(metric: str, /, **labels: str) -> float:
@@ -121,14 +119,20 @@ def test_closed_metrics_stop_counting(database_url: str):
 
 
 def test_the_journal_collector_reads_open_transactions(database_url: str):
+    """Open means journaled and not final: a PENDING transaction is only in the memory
+    of its process (celery_tx.pending), so no scrape from another process could count it."""
     registry = CollectorRegistry()
     with TransactionCoordinator(database_url) as c:
         registry.register(JournalCollector(c))
         c.begin_transaction(name="cart")
-        c.begin_transaction(name="cart")
+        for _ in range(2):
+            running = c.begin_transaction(name="cart")
+            c.register_participant(running, "a", print, print)
+            journal_started(c, running)
         c.commit_transaction(c.begin_transaction(name="cart"))
-        assert value(registry, "celery_tx_open_transactions", name="cart", status="PENDING") == 2
+        assert value(registry, "celery_tx_open_transactions", name="cart", status="RUNNING") == 2
         assert value(registry, "celery_tx_oldest_open_transaction_seconds") >= 0
         text = prometheus_client.generate_latest(registry).decode()
-    assert 'celery_tx_open_transactions{name="cart",status="PENDING"} 2.0' in text
+    assert 'celery_tx_open_transactions{name="cart",status="RUNNING"} 2.0' in text
+    assert "PENDING" not in text
     assert "COMMITTED" not in text  # final ones are not open

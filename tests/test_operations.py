@@ -10,6 +10,7 @@ import pytest
 
 from celery_tx import InvalidArgument, ParticipantNotResolvable, TransactionCoordinator, TxStatus
 from celery_tx.core import transitions as tr
+from tests.journaled import journal_started
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -28,8 +29,8 @@ def _finished(c: TransactionCoordinator, name: str, seconds: float, status: TxSt
         t = tr.start_compensation(t, 0, T0)
         return tr.finish_compensation(t, 0, end)
 
-    journal = c._journal
-    assert journal.apply(journal.load(tx_id), run).status is status
+    with c._pending.ending(c._journal, tx_id, "commit") as entry:
+        assert c._journal.create(run(entry.tx)).status is status
 
 
 def test_stats_percentiles_are_nearest_rank_on_every_database(database_url: str):
@@ -38,12 +39,16 @@ def test_stats_percentiles_are_nearest_rank_on_every_database(database_url: str)
             _finished(c, "a", seconds, TxStatus.COMMITTED)
         for seconds in range(1000, 1010):
             _finished(c, "b", seconds, TxStatus.ROLLED_BACK)
-        c.begin_transaction(name=None)  # open, unnamed: counted, no duration
+        running = c.begin_transaction(name=None)  # open, unnamed: counted, no duration
+        c.register_participant(running, "a", print, print)
+        journal_started(c, running)
+        c.begin_transaction(name="a")  # PENDING: in this process's memory, not journaled
         stats = c.transaction_stats()
     assert stats.by_status[TxStatus.COMMITTED] == 100
     assert stats.by_status[TxStatus.ROLLED_BACK] == 10
-    assert stats.by_status[TxStatus.PENDING] == 1
-    assert stats.by_name[None] == {TxStatus.PENDING: 1}
+    assert stats.by_status[TxStatus.RUNNING] == 1
+    assert stats.by_status[TxStatus.PENDING] == 0
+    assert stats.by_name[None] == {TxStatus.RUNNING: 1}
     overall = stats.durations
     assert (overall.count, overall.median, overall.p95, overall.p99, overall.max) == (
         110,
@@ -93,27 +98,26 @@ def test_stats_of_an_empty_journal(database_url: str):
 def test_bad_arguments_are_refused_and_nothing_changes(tmp_path, call):
     with TransactionCoordinator(f"sqlite:///{tmp_path / 'j.sqlite3'}") as c:
         kept = c.begin_transaction(name="kept")
+        c.commit_transaction(journaled := c.begin_transaction(name="journaled"))
         with pytest.raises(InvalidArgument):
             call(c)
         assert c.get_transaction(kept).status is TxStatus.PENDING
-        assert [t.id for t in c.list_transactions()] == [kept]
+        assert [t.id for t in c.list_transactions()] == [journaled]  # PENDING is not journaled
 
 
 def test_list_accepts_statuses_as_enums_or_text(tmp_path):
     with TransactionCoordinator(f"sqlite:///{tmp_path / 'j.sqlite3'}") as c:
-        pending = c.begin_transaction()
+        c.rollback_transaction(rolled_back := c.begin_transaction())
         c.commit_transaction(committed := c.begin_transaction())
-        assert [t.id for t in c.list_transactions(status=TxStatus.PENDING)] == [pending]
+        assert [t.id for t in c.list_transactions(status=TxStatus.ROLLED_BACK)] == [rolled_back]
         assert [t.id for t in c.list_transactions(status="committed")] == [committed]
-        both = c.list_transactions(status=("PENDING", TxStatus.COMMITTED))
-        assert {t.id for t in both} == {pending, committed}
+        both = c.list_transactions(status=("rolled_back", TxStatus.COMMITTED))
+        assert {t.id for t in both} == {rolled_back, committed}
 
 
 def _running(c: TransactionCoordinator, tx_id: uuid.UUID) -> None:
     """Left RUNNING at its first step, as by a process that died."""
-    now = datetime.now(UTC)
-    journal = c._journal
-    journal.apply(journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+    journal_started(c, tx_id)
 
 
 def test_what_another_process_cannot_run_is_refused_before_anything_changes(tmp_path):
@@ -152,7 +156,9 @@ def test_celery_transactions_need_the_app_except_to_abort_a_pending_one(tmp_path
 
         pending = client.begin_transaction()
         client.register_participant(pending, "a", tasks.step.s(str(tmp_path / "e"), "a"))
-        assert no_app.abort_transaction(pending).status is TxStatus.ROLLED_BACK  # nothing to send
+        # PENDING in this process's memory: any of its coordinators aborts it, nothing to send
+        assert no_app.abort_transaction(pending).status is TxStatus.ROLLED_BACK
+        assert client.journal.get(pending).status is TxStatus.ROLLED_BACK
 
 
 def test_transaction_finished_is_sent_once_by_the_process_whose_write_ended_it(tmp_path):

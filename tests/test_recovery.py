@@ -28,6 +28,7 @@ from celery_tx import (
 )
 from celery_tx.core import transitions as tr
 from tests.conftest import FAST_RETRY
+from tests.journaled import journal_started, start_without_running
 from tests.participants import append_line, fail_with
 
 
@@ -78,9 +79,8 @@ def register_steps(
 def crash_after(coordinator: TransactionCoordinator, tx_id: uuid.UUID, done: int, log: Path):
     """Journal what a process that died while running step ``done`` leaves behind."""
     journal = coordinator._journal
-    tx = journal.load(tx_id)
     now = datetime.now(UTC)
-    tx = journal.apply(tx, lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+    tx = journal_started(coordinator, tx_id, now)
     for position in range(done):
         append_line(str(log), f"s{position} action")
         tx = journal.apply(tx, lambda t, p=position: tr.advance(t, p, None, now))
@@ -130,11 +130,7 @@ def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, 
     with TransactionCoordinator(database_url) as dead:
         tx_id = dead.begin_transaction()
         dead.register_participant(tx_id, "closure", lambda: None, lambda: None)
-        journal = dead._journal
-        now = datetime.now(UTC)
-        journal.apply(
-            journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
-        )
+        journal_started(dead, tx_id)
 
     clock.advance(301)
     report = sweeper.recover()
@@ -163,10 +159,7 @@ def test_the_process_holding_lambdas_resumes_them_and_can_retry_them_once_fixed(
         tx_id = owner.begin_transaction()
         owner.register_participant(tx_id, "closure", lambda: fail_with("no stock"), undo)
         journal = owner._journal
-        now = datetime.now(UTC)
-        journal.apply(  # as a crash right after the durable start leaves it
-            journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now)
-        )
+        start_without_running(owner, tx_id)  # as a run stopped after the commit's write
         assert owner.recover(stalled_after=0).resumed == [tx_id]
         assert journal.get(tx_id).status is TxStatus.FAILED
         undo_works[0] = True

@@ -22,8 +22,8 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from celery_tx import TransactionCoordinator, TxStatus, transactions_blueprint
-from celery_tx.core import transitions as tr
 from tests.conftest import server_missing
+from tests.journaled import journal_started
 from tests.participants import append_line, append_line_slowly, fail_with
 
 pytestmark = pytest.mark.timeout(180)
@@ -160,8 +160,8 @@ def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site
     coordinator.register_participant(
         tx_id, "email", functools.partial(append_line, log, "e"), print
     )
-    journal, now = coordinator._journal, datetime.now(UTC)
-    journal.apply(journal.load(tx_id), lambda t: tr.start_action(tr.start_commit(t, now), 0, now))
+    now = datetime.now(UTC)
+    journal_started(coordinator, tx_id, now)
 
     browser.get(f"{url}/{tx_id}")
     assert browser.find_element(By.ID, "status").text == "RUNNING"
