@@ -11,8 +11,8 @@ this test:
   Redis client connection (``CLIENT KILL``: this machine's Redis is not ours to
   restart);
 - SIGKILLs client processes between ``begin_transaction`` and
-  ``commit_transaction``; their PENDING transactions must be rolled back when
-  their deadline passes.
+  ``commit_transaction``; their PENDING transactions lived in their memory only,
+  so the journal must never hold them, and nothing of them may run.
 
 Messages of killed workers come back by redelivery (RabbitMQ at once) or by the
 workers' sweeps (Redis keeps them unacknowledged for an hour): the stall time is
@@ -241,12 +241,9 @@ def test_the_shop_survives_chaos(chaos_env: dict[str, str], tmp_path: Path, orde
             else:
                 workers.kill_worker()
         output = demo.communicate(timeout=900)[0]
-        # The killed clients' transactions: rolled back once their deadline passed.
-        deadline = time.monotonic() + 60
+        # The killed clients' transactions were PENDING, in their memory only: never
+        # journaled, so nothing of them was sent or ran.
         outcomes = _statuses(journal_url, [tx for tx, _ in killed_clients])
-        while any(s != "ROLLED_BACK" for s in outcomes.values()) and time.monotonic() < deadline:
-            time.sleep(1)
-            outcomes = _statuses(journal_url, [tx for tx, _ in killed_clients])
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
@@ -266,7 +263,7 @@ def test_the_shop_survives_chaos(chaos_env: dict[str, str], tmp_path: Path, orde
     assert restarted or broker == "embedded"
     assert workers.kills["worker"] + workers.kills["pool process"] >= 3
     assert killed_clients
-    assert set(outcomes.values()) == {"ROLLED_BACK"}, outcomes
+    assert set(outcomes.values()) == {"MISSING"}, outcomes
     assert still_open == 0
 
 
