@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from concurrent.futures import Future
 
@@ -11,9 +10,7 @@ from celery_tx.core.errors import TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
 from celery_tx.store import Journal
-
-_FIRST_POLL = 0.005
-_MAX_POLL = 0.1
+from celery_tx.store.waiting import waiters_for
 
 
 class CommitHandle:
@@ -60,21 +57,12 @@ class CommitHandle:
                 return self._run.result(timeout)
             except TimeoutError:
                 raise self._timeout(timeout) from None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _FIRST_POLL
-        while True:
-            status = self._journal.status(self._id)  # a cheap poll; the whole outcome once
-            if status is None:
-                raise TransactionNotFound(f"no transaction {self._id} in the journal")
-            if status.is_final:
-                return self._journal.get(self._id)
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._timeout(timeout)
-                pause = min(pause, left)
-            time.sleep(pause)
-            pause = min(pause * 1.5, _MAX_POLL)
+        # One thread per journal watches for the end (a notification on
+        # PostgreSQL): no poll of the journal per handle.
+        tx = waiters_for(self._journal).wait_final(self._id, timeout)
+        if tx is None:
+            raise self._timeout(timeout)
+        return tx
 
     def _timeout(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(

@@ -232,7 +232,7 @@ def test_a_version_2_journal_names_the_driver_of_its_celery_transactions(
     journal.close()
     engine.dispose()
     assert drivers == ["celery", "local", "local"]
-    assert version == 3
+    assert version == schema.SCHEMA_VERSION
 
 
 def test_unreachable_database_is_a_typed_error() -> None:

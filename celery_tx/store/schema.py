@@ -12,8 +12,11 @@ from sqlalchemy.engine import Connection, Dialect
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The version of the tables below; bump it and add a migration to change them."""
+
+FINAL_CHANNEL = "celery_tx_final"
+"""The PostgreSQL notification channel told each transaction id that became final."""
 
 
 def _add_progress_columns(conn: Connection) -> None:
@@ -56,9 +59,40 @@ def _name_the_celery_driver(conn: Connection) -> None:
     )
 
 
+def notify_when_final(conn: Connection) -> None:
+    """Version 3 -> 4, and every new journal: on PostgreSQL, the write that makes a
+    transaction final also notifies ``FINAL_CHANNEL`` with its id, so waiting
+    costs the journal nothing per poll (``celery_tx.store.waiting``). A trigger,
+    not a statement of each writer: every write that ends a transaction, from any
+    process or version, notifies; NOTIFY is delivered when that write commits.
+    Nothing on SQLite, whose waiters poll in one thread."""
+    if conn.dialect.name != "postgresql":
+        return
+    final = ", ".join(f"'{status}'" for status in ("COMMITTED", "ROLLED_BACK", "FAILED"))
+    conn.exec_driver_sql(
+        f"""
+        CREATE OR REPLACE FUNCTION celery_tx_notify_final() RETURNS trigger AS $$
+        BEGIN
+            IF NEW.status IN ({final})
+               AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM NEW.status) THEN
+                PERFORM pg_notify('{FINAL_CHANNEL}', NEW.id::text);
+            END IF;
+            RETURN NULL;
+        END
+        $$ LANGUAGE plpgsql
+        """
+    )
+    conn.exec_driver_sql("DROP TRIGGER IF EXISTS celery_tx_final ON celery_tx_transactions")
+    conn.exec_driver_sql(
+        "CREATE TRIGGER celery_tx_final AFTER INSERT OR UPDATE OF status "
+        "ON celery_tx_transactions FOR EACH ROW EXECUTE FUNCTION celery_tx_notify_final()"
+    )
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _add_progress_columns,
     2: _name_the_celery_driver,
+    3: notify_when_final,
 }
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
@@ -176,6 +210,7 @@ def ensure_schema(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
     found = conn.execute(sa.select(schema_version.c.version)).scalar_one_or_none()
     if found is None:
+        notify_when_final(conn)
         conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
         return
     if found > SCHEMA_VERSION:

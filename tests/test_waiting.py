@@ -1,0 +1,216 @@
+"""Waiting costs the journal nothing per poll (issue 13, decision 3).
+
+Handles wait on one thread per journal: on PostgreSQL a listener woken by the
+notification the ending write sends (a trigger), on SQLite one poller for all of
+them. The ending writes here come from another ``Journal``, as from a worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from celery_tx import CommitHandle, TransactionNotFound, TxStatus
+from celery_tx.core.outcome import Outcome
+from celery_tx.store import Journal, schema
+from celery_tx.store.waiting import waiters_for
+
+WAITERS = 8
+
+
+def running(journal: Journal) -> Outcome:
+    """A journaled RUNNING transaction with no steps."""
+    now = datetime.now(UTC)
+    tx = Outcome(id=uuid.uuid4(), name="w", status=TxStatus.RUNNING, created_at=now)
+    return journal.create(replace(tx, started_at=now))
+
+
+def end(journal: Journal, tx: Outcome) -> Outcome:
+    """Write ``tx`` COMMITTED, as a worker's last step does."""
+    return journal.save(
+        tx, replace(tx, status=TxStatus.COMMITTED, finished_at=datetime.now(UTC)), durable=True
+    )
+
+
+@contextmanager
+def counting_statements(journal: Journal) -> Iterator[list[str]]:
+    """Every statement the journal's engines send, while the block runs."""
+    sent: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        sent.append(statement)
+
+    for engine in journal.engines:
+        sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        for engine in journal.engines:
+            sa.event.remove(engine, "before_cursor_execute", record)
+
+
+class Waiting:
+    """Threads, each waiting on one handle."""
+
+    def __init__(self, handles: list[CommitHandle], timeout: float) -> None:
+        self.results: dict[int, Outcome | BaseException] = {}
+        self.threads = [
+            threading.Thread(target=self._wait, args=(i, h, timeout)) for i, h in enumerate(handles)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _wait(self, i: int, handle: CommitHandle, timeout: float) -> None:
+        try:
+            self.results[i] = handle.wait(timeout)
+        except BaseException as exc:  # reported by the test, with the others
+            self.results[i] = exc
+
+    def join(self) -> list[Outcome | BaseException]:
+        for thread in self.threads:
+            thread.join(60)
+        return [self.results[i] for i in range(len(self.threads))]
+
+
+@pytest.fixture
+def journals(database_url: str) -> Iterator[tuple[Journal, Journal]]:
+    """The waiting process's journal, and another process's that ends transactions."""
+    waiting, other = Journal(database_url), Journal(database_url)
+    waiting.load(uuid.uuid4())  # the schema exists before anything is counted
+    yield waiting, other
+    waiting.close()
+    other.close()
+
+
+def test_many_handles_wait_on_one_thread(journals: tuple[Journal, Journal]) -> None:
+    """Eight handles waiting half a second: each reads the transaction once before
+    and once after; the thread's reads do not grow with the handles (PostgreSQL: one, when it
+    starts listening; SQLite: one poll for all of them at a time)."""
+    waiting, other = journals
+    txs = [running(other) for _ in range(WAITERS)]
+    with counting_statements(waiting) as sent:
+        waiters = Waiting([CommitHandle(tx.id, waiting) for tx in txs], timeout=30)
+        time.sleep(0.5)
+        assert not waiters.results, "a handle returned before its transaction ended"
+        ended = [end(other, tx) for tx in txs]
+        results = waiters.join()
+    assert [r.status if isinstance(r, Outcome) else r for r in results] == [
+        TxStatus.COMMITTED
+    ] * WAITERS
+    assert [r.version for r in results if isinstance(r, Outcome)] == [e.version for e in ended]
+    per_handle = 2 * WAITERS  # read once before waiting, once when woken
+    if waiting.engine.dialect.name == "postgresql":
+        assert len(sent) == per_handle + 1  # + the listener's one read when it starts
+    else:  # one poll for all, every 5 ms growing to 100 ms: not 8 polls at a time
+        assert per_handle < len(sent) <= per_handle + 40
+
+
+def test_an_ended_transaction_is_returned_at_once(journals: tuple[Journal, Journal]) -> None:
+    """Waiting on a final transaction reads it once: one statement."""
+    waiting, other = journals
+    tx = end(other, running(other))
+    with counting_statements(waiting) as sent:
+        assert CommitHandle(tx.id, waiting).wait(5).status is TxStatus.COMMITTED
+    assert len(sent) == 1
+
+
+def test_an_unknown_transaction_is_not_waited_for(journals: tuple[Journal, Journal]) -> None:
+    """TransactionNotFound at once, not a wait until the timeout."""
+    waiting, _ = journals
+    started = time.monotonic()
+    with pytest.raises(TransactionNotFound, match="no transaction"):
+        CommitHandle(uuid.uuid4(), waiting).wait(30)
+    assert time.monotonic() - started < 5
+
+
+def test_a_timeout_while_the_transaction_goes_on(journals: tuple[Journal, Journal]) -> None:
+    """TimeoutError after the timeout; a later wait still collects the end."""
+    waiting, other = journals
+    tx = running(other)
+    handle = CommitHandle(tx.id, waiting)
+    with pytest.raises(TimeoutError, match=r"was not final after 0\.2s"):
+        handle.wait(0.2)
+    end(other, tx)
+    assert handle.wait(30).status is TxStatus.COMMITTED
+
+
+@pytest.mark.postgres
+def test_the_listener_hears_again_after_its_connection_is_killed(postgres_url: str) -> None:
+    """The listening connection terminated by the server: the listener connects
+    again, reads what ended meanwhile, and the waiter is woken."""
+    from tests.conftest import truncate_journal
+
+    truncate_journal(postgres_url)
+    waiting, other = Journal(postgres_url), Journal(postgres_url)
+    try:
+        tx = running(other)
+        waiter = Waiting([CommitHandle(tx.id, waiting)], timeout=30)
+        listening = _listening_backends(other, expect=1)
+        with other.engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({listening[0]})")
+        end(other, tx)  # likely while nobody listens: the listener reads it on reconnecting
+        (result,) = waiter.join()
+        assert isinstance(result, Outcome)
+        assert result.status is TxStatus.COMMITTED
+        assert _listening_backends(other, expect=1) != listening  # a new connection
+    finally:
+        waiting.close()
+        other.close()
+
+
+@pytest.mark.postgres
+def test_a_version_3_journal_gains_the_notifying_trigger(postgres_url: str) -> None:
+    """Schema 3 -> 4 adds the trigger: the end of a transaction wakes a waiter."""
+    from tests.conftest import truncate_journal
+
+    truncate_journal(postgres_url)
+    journal = Journal(postgres_url)
+    journal.load(uuid.uuid4())
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:  # turn it back into a version 3 journal
+        conn.exec_driver_sql("DROP TRIGGER celery_tx_final ON celery_tx_transactions")
+        conn.execute(schema.schema_version.update().values(version=3))
+    journal.close()
+    journal = Journal(postgres_url)
+    try:
+        tx = running(journal)
+        with engine.connect() as conn:
+            triggers = conn.exec_driver_sql(
+                "SELECT tgname FROM pg_trigger WHERE tgname = 'celery_tx_final'"
+            ).all()
+        assert triggers == [("celery_tx_final",)]
+        thread = threading.Thread(target=lambda: waiters_for(journal).wait_final(tx.id, 30))
+        thread.start()
+        time.sleep(0.3)
+        end(journal, tx)
+        thread.join(5)
+        assert not thread.is_alive()
+    finally:
+        journal.close()
+        engine.dispose()
+
+
+def _listening_backends(journal: Journal, expect: int) -> list[int]:
+    """The pids of the server processes listening for ended transactions, once
+    there are ``expect`` of them (the listener connects in the background)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with journal.engine.connect() as conn:
+            pids = [
+                pid
+                for (pid,) in conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    f"AND query = 'LISTEN {schema.FINAL_CHANNEL}'"
+                )
+            ]
+        if len(pids) == expect or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
