@@ -1,0 +1,79 @@
+"""What a Celery transaction costs the journal, commit by commit (issue 13).
+
+Counted with the thread worker, in this process: every database transaction
+any journal engine commits (on PostgreSQL each single statement is one), by
+who commits it: the committing thread, the worker's threads, the waiters'
+thread. The counts are the protocol's: deterministic, so asserted exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from celery_tx import TransactionCoordinator, TxStatus
+from celery_tx.store.engine import WRITE
+from tests.apps import tasks
+
+pytestmark = pytest.mark.usefixtures("celery_worker")
+STEPS = 4
+WAITERS = "celery-tx waiters"  # the thread's name (celery_tx.store.waiting)
+
+
+@pytest.fixture
+def celery_config(stack: Any) -> dict[str, object]:
+    """No sweeps: only the transaction's own statements are counted."""
+    return stack.celery_config(celery_tx_sweep_interval=0)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def coordinator(celery_app: Any) -> Iterator[TransactionCoordinator]:
+    """A coordinator on the test app."""
+    with TransactionCoordinator(app=celery_app) as coordinator:
+        yield coordinator
+
+
+def test_the_commits_of_a_four_step_transaction(
+    coordinator: TransactionCoordinator, tmp_path: Path
+) -> None:
+    """Begin and register: none. The commit: one write. The workers: one write per
+    step and the first step's start, one read per step (its check). Waiting: at
+    most two reads in the waiting thread (PostgreSQL's listener reads once when
+    it starts listening, not counted here: it listens already); on SQLite the
+    poller's reads, for all waiting handles at once."""
+    path = str(tmp_path / "effects")
+    warm = coordinator.begin_transaction()  # schema, connections, the listener: not counted
+    coordinator.register_participant(warm, "a", tasks.step.s(path, "warm"))
+    coordinator.commit_transaction(warm, timeout=60)
+    commits: list[tuple[str, str]] = []
+    client = threading.current_thread()
+
+    def record(conn: Any) -> None:
+        thread = threading.current_thread()
+        who = "client" if thread is client else "waiters" if thread.name == WAITERS else "worker"
+        commits.append((who, "write" if conn.get_execution_options().get(WRITE) else "read"))
+
+    sa.event.listen(sa.engine.Engine, "commit", record)
+    try:
+        tx_id = coordinator.begin_transaction()
+        for i in range(STEPS):
+            coordinator.register_participant(tx_id, f"s{i}", tasks.step.s(path, f"s{i}"))
+        assert commits == []
+        handle = coordinator.commit_transaction_async(tx_id)
+        assert commits == [("client", "write")]
+        outcome = handle.wait(60)
+    finally:
+        sa.event.remove(sa.engine.Engine, "commit", record)
+    assert outcome.status is TxStatus.COMMITTED
+    counted = Counter(commits)
+    assert counted[("worker", "write")] == STEPS + 1
+    assert counted[("worker", "read")] == STEPS
+    assert 1 <= counted[("client", "read")] <= 2
+    if coordinator.journal.engine.dialect.name == "postgresql":
+        assert counted[("waiters", "read")] == 0
