@@ -36,7 +36,7 @@ from celery_tx.clock import Clock, utc_now
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
 from celery_tx.core.outcome import Outcome, StepOutcome
-from celery_tx.core.status import TxStatus
+from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.store import rows, schema
 from celery_tx.store import statements as sql
 from celery_tx.store.engine import (
@@ -117,16 +117,7 @@ class Journal:
         """The journaled transaction, or None when there is no such id."""
 
         def statements(conn: Connection) -> Outcome | None:
-            joined = conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all()
-            if not joined:
-                return None
-            tx_row = {name: joined[0][label] for label, name in sql.TX_LABELS}
-            step_rows = [
-                {name: row[label] for label, name in sql.STEP_LABELS}
-                for row in joined
-                if row[sql.STEP_POSITION] is not None
-            ]
-            return rows.tx_from_rows(tx_row, step_rows)
+            return _outcome(conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all())
 
         return self._run(statements, write=False)
 
@@ -207,6 +198,58 @@ class Journal:
                 )
 
         return self._run(statements, write=True, durable=durable)
+
+    def step_on(
+        self,
+        tx_id: uuid.UUID,
+        *,
+        version: int,
+        previous: int,
+        result: Any,
+        name: str,
+        task: str,
+    ) -> Outcome | None:
+        """One conditional write, no read before it: step ``previous`` DONE with
+        ``result`` and the next one (``name``, running ``task``) RUNNING, one more
+        attempt; only if the transaction is still at ``version`` (where the
+        previous step's worker left it), RUNNING and before its deadline.
+
+        Returns the transaction as written (the next step's worker needs no
+        read), or None when any condition does not hold: nothing is written,
+        and the caller reads the journal to learn why.
+        """
+        now = self.clock()
+        values = {
+            "b_id": tx_id,
+            "b_version": version,
+            "b_new_version": version + 1,
+            "b_previous": previous,
+            "b_position": previous + 1,
+            "b_name": name,
+            "b_task": task,
+            "b_result": result,
+            "now": now,
+        }
+
+        def one(conn: Connection) -> Outcome | None:
+            return _outcome(conn.execute(sql.STEP_ON, values).mappings().all())
+
+        def statements(conn: Connection) -> Outcome | None:
+            for statement in (sql.STEP_ON_TX, sql.STEP_ON_DONE, sql.STEP_ON_STARTED):
+                if conn.execute(statement, values).rowcount != 1:
+                    raise _NotMatched  # rolls back what the earlier statements wrote
+            return _outcome(conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all())
+
+        try:
+            if self._one_statement:
+                after = self._run(one, write=True, single=True)
+            else:
+                after = self._run(statements, write=True)
+        except _NotMatched:
+            return None
+        if after is not None:
+            tell(Write(_before_step_on(after, previous), after, None))
+        return after
 
     def save(
         self, before: Outcome, after: Outcome, *, durable: bool = False, cause: Cause | None = None
@@ -432,6 +475,36 @@ class Journal:
                 return
             self._transaction(schema.ensure_schema, write=True, durable=False)
             self._schema_ready = True
+
+
+class _NotMatched(Exception):
+    """A conditional write found the journal elsewhere: roll back, write nothing."""
+
+
+def _outcome(joined: Sequence[Any]) -> Outcome | None:
+    """The transaction in rows of a transaction joined with its steps (labelled
+    ``table_column``), or None when there are none."""
+    if not joined:
+        return None
+    tx_row = {name: joined[0][label] for label, name in sql.TX_LABELS}
+    step_rows = [
+        {name: row[label] for label, name in sql.STEP_LABELS}
+        for row in joined
+        if row[sql.STEP_POSITION] is not None
+    ]
+    return rows.tx_from_rows(tx_row, step_rows)
+
+
+def _before_step_on(after: Outcome, previous: int) -> Outcome:
+    """What ``step_on`` wrote over, as the observers compare: the previous step
+    RUNNING without its result, the next one PENDING."""
+    steps = list(after.steps)
+    done, started = steps[previous], steps[previous + 1]
+    steps[previous] = replace(done, status=StepStatus.RUNNING, result=None, finished_at=None)
+    steps[previous + 1] = replace(
+        started, status=StepStatus.PENDING, attempts=started.attempts - 1, started_at=None
+    )
+    return replace(after, steps=tuple(steps), version=after.version - 1)
 
 
 # A lock held by another thread when the process forks (a worker's sweeper

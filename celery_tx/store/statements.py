@@ -214,3 +214,118 @@ class PreparedWrites:
         for i, step in enumerate(tx.steps):
             values.update({f"a{i}_{k}": v for k, v in rows.step_to_row(tx.id, step).items()})
         conn.exec_driver_sql(prepared.sql, prepared.parameters(values))
+
+
+# -- the next step, in one conditional write (issue 13, decision 2) ---------------
+
+
+def _step_on_tx_conditions() -> list[sa.ColumnElement[bool]]:
+    """The transaction is where the previous step's worker left it (the version it
+    carried), RUNNING, and not past its deadline."""
+    now = sa.bindparam("now", type_=_t.c.updated_at.type)
+    return [
+        _t.c.id == sa.bindparam("b_id", type_=_t.c.id.type),
+        _t.c.version == sa.bindparam("b_version"),
+        _t.c.status == "RUNNING",
+        sa.or_(_t.c.deadline_at.is_(None), _t.c.deadline_at > now),
+    ]
+
+
+def _step_conditions(previous: bool) -> list[sa.ColumnElement[bool]]:
+    """The previous step RUNNING; the next one PENDING, named and running the task
+    the message names (a journal row decides what runs, never the message alone)."""
+    if previous:
+        return [_s.c.position == sa.bindparam("b_previous"), _s.c.status == "RUNNING"]
+    return [
+        _s.c.position == sa.bindparam("b_position"),
+        _s.c.status == "PENDING",
+        _s.c.name == sa.bindparam("b_name"),
+        _s.c.action["task"].as_string() == sa.bindparam("b_task"),
+    ]
+
+
+def _done_values() -> dict[str, Any]:
+    return {
+        "status": "DONE",
+        "result": sa.bindparam("b_result", type_=_s.c.result.type),
+        "finished_at": sa.bindparam("now", type_=_s.c.finished_at.type),
+    }
+
+
+def _started_values() -> dict[str, Any]:
+    return {
+        "status": "RUNNING",
+        "attempts": _s.c.attempts + 1,
+        "started_at": sa.bindparam("now", type_=_s.c.started_at.type),
+    }
+
+
+def _tx_values() -> dict[str, Any]:
+    return {
+        "version": sa.bindparam("b_new_version"),
+        "updated_at": sa.bindparam("now", type_=_t.c.updated_at.type),
+    }
+
+
+def one_statement_step_on() -> sa.Select[Any]:
+    """PostgreSQL: ``WITH cas AS (UPDATE tx ... RETURNING *), done AS (UPDATE the
+    previous step DONE), started AS (UPDATE the next step RUNNING) SELECT`` the
+    transaction as written, joined with all its steps: one round trip, and the
+    caller needs no read. Nothing is written unless every condition holds
+    (the step writes join ``cas``, which checks both steps with EXISTS)."""
+
+    def step_exists(previous: bool) -> sa.Exists:
+        return sa.exists().where(_s.c.tx_id == _t.c.id, *_step_conditions(previous))
+
+    cas = (
+        sa.update(_t)
+        .where(*_step_on_tx_conditions(), step_exists(True), step_exists(False))
+        .values(_tx_values())
+        .returning(*_t.c)
+        .cte("cas")
+    )
+    cas_id = sa.select(cas.c.id).scalar_subquery()
+    done = (
+        sa.update(_s)
+        .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_previous"))
+        .values(_done_values())
+        .returning(*_s.c)
+        .cte("done")
+    )
+    started = (
+        sa.update(_s)
+        .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_position"))
+        .values(_started_values())
+        .returning(*_s.c)
+        .cte("started")
+    )
+    others = sa.select(*_s.c).where(
+        _s.c.tx_id == cas_id,
+        _s.c.position != sa.bindparam("b_previous"),
+        _s.c.position != sa.bindparam("b_position"),
+    )
+    steps = sa.union_all(sa.select(*done.c), sa.select(*started.c), others).subquery("s")
+    return (
+        sa.select(
+            *(cas.c[c.name].label(f"{_t.name}_{c.name}") for c in _t.columns),
+            *(steps.c[c.name].label(f"{_s.name}_{c.name}") for c in _s.columns),
+        )
+        .select_from(cas.join(steps, sa.true()))
+        .order_by(steps.c.position)
+    )
+
+
+STEP_ON = one_statement_step_on()
+# SQLite has no data-modifying CTEs: the same three conditional writes, in one
+# database transaction (a local call each, not a round trip).
+STEP_ON_TX = sa.update(_t).where(*_step_on_tx_conditions()).values(_tx_values())
+STEP_ON_DONE = (
+    sa.update(_s)
+    .where(_s.c.tx_id == sa.bindparam("b_id", type_=_s.c.tx_id.type), *_step_conditions(True))
+    .values(_done_values())
+)
+STEP_ON_STARTED = (
+    sa.update(_s)
+    .where(_s.c.tx_id == sa.bindparam("b_id", type_=_s.c.tx_id.type), *_step_conditions(False))
+    .values(_started_values())
+)

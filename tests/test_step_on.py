@@ -1,0 +1,123 @@
+"""``Journal.step_on``: the next Celery step's one conditional write (issue 13, decision 2).
+
+One statement on PostgreSQL, one database transaction on SQLite: the previous
+step DONE with its result and the next one RUNNING, only from the version the
+previous step's worker carried, while RUNNING and before the deadline, for the
+step and task the message names. Otherwise nothing at all is written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from celery_tx.core import transitions as tr
+from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.status import StepStatus, TxStatus
+from celery_tx.store import Journal
+from celery_tx.store.observers import Write, observe
+
+TASK = "tests.apps.tasks.step"
+
+
+@pytest.fixture
+def journal(database_url: str) -> Iterator[Journal]:
+    """A journal on a clean database."""
+    journal = Journal(database_url)
+    yield journal
+    journal.close()
+
+
+def started(journal: Journal, *, deadline: datetime | None = None) -> Outcome:
+    """A journaled RUNNING transaction of three steps, the first RUNNING."""
+    now = datetime.now(UTC)
+    tx = Outcome(id=uuid.uuid4(), name="t", status=TxStatus.PENDING, created_at=now)
+    for i in range(3):
+        step = StepOutcome(
+            position=i,
+            name=f"s{i}",
+            status=StepStatus.PENDING,
+            action={"kind": "celery", "task": TASK, "arguments": "[[], {}]"},
+            compensation={"kind": "celery", "task": TASK, "arguments": "[[], {}]"},
+        )
+        tx = tr.add_step(tx, step)
+    tx = replace(tx, deadline=deadline)
+    return journal.create(tr.start_action(tr.start_commit(tx, now), 0, now))
+
+
+def step_on(journal: Journal, tx: Outcome, **changes: object) -> Outcome | None:
+    arguments: dict[str, object] = {
+        "version": tx.version,
+        "previous": 0,
+        "result": {"paid": 12},
+        "name": "s1",
+        "task": TASK,
+    }
+    arguments.update(changes)
+    return journal.step_on(tx.id, **arguments)  # type: ignore[arg-type]
+
+
+def test_the_previous_step_done_and_the_next_running_in_one_write(journal: Journal) -> None:
+    """The returned transaction is what the journal now holds; the observers are told."""
+    tx = started(journal)
+    told: list[Write] = []
+    stop = observe(told.append)
+    try:
+        after = step_on(journal, tx)
+    finally:
+        stop()
+    assert after is not None
+    assert after == journal.load(tx.id)
+    assert after.version == tx.version + 1
+    s0, s1, s2 = after.steps
+    assert (s0.status, s0.result, s0.finished_at is not None) == (
+        StepStatus.DONE,
+        {"paid": 12},
+        True,
+    )
+    assert (s1.status, s1.attempts, s1.started_at is not None) == (StepStatus.RUNNING, 1, True)
+    assert s2 == tx.steps[2]
+    assert [(w.before.steps[1].status, w.after.steps[1].status) for w in told] == [
+        (StepStatus.PENDING, StepStatus.RUNNING)
+    ]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"version": -1},  # another write came first
+        {"name": "s2"},  # the message names another step
+        {"task": "os.system"},  # the journal runs another task there
+        {"previous": 1, "name": "s2"},  # the previous step is not RUNNING
+    ],
+)
+def test_nothing_is_written_when_a_condition_fails(
+    journal: Journal, changes: dict[str, object]
+) -> None:
+    tx = started(journal)
+    assert step_on(journal, tx, **changes) is None
+    assert journal.load(tx.id) == tx
+
+
+def test_nothing_is_written_once_a_rollback_began(journal: Journal) -> None:
+    tx = started(journal)
+    aborted = journal.save(
+        tx, tr.begin_compensation(tx, datetime.now(UTC), failed_step=None, error="x")
+    )
+    assert step_on(journal, aborted) is None
+    assert journal.load(tx.id) == aborted
+
+
+def test_nothing_is_written_past_the_deadline(journal: Journal) -> None:
+    tx = started(journal, deadline=datetime.now(UTC) - timedelta(seconds=1))
+    assert step_on(journal, tx) is None
+    assert journal.load(tx.id) == tx
+
+
+def test_an_unknown_transaction(journal: Journal) -> None:
+    tx = started(journal)
+    assert step_on(journal, replace(tx, id=uuid.uuid4())) is None
