@@ -138,6 +138,24 @@ def advance(tx: Outcome, position: int, result: Any, now: datetime) -> Outcome:
     return tx
 
 
+def record_late_result(tx: Outcome, position: int, result: Any) -> Outcome:
+    """Keep what a step's action returned, learnt after a rollback began.
+
+    On the Celery path a step's result reaches the journal with the next step's
+    start; when the rollback came first, the result is still kept for the
+    step's compensation (``action_result``), as long as that has not started.
+    """
+    step = tx.steps[position]
+    if step.status is not S.RUNNING or step.result is not None or result is None:
+        raise TransactionStateError(
+            f"step {step.name!r} of transaction {tx.id} is {step.status}: its result is too late",
+            status=tx.status,
+        )
+    steps = list(tx.steps)
+    steps[position] = replace(step, result=result)
+    return replace(tx, steps=tuple(steps))
+
+
 def fail_action(tx: Outcome, position: int, error: str, now: datetime) -> Outcome:
     """Mark a step's action as failed and turn the transaction to compensating."""
     _require(tx, T.RUNNING, "fail an action")

@@ -33,9 +33,15 @@ logger = logging.getLogger("celery_tx.dispatch")
 STEP_FAILED = "celery_tx.step_failed"
 
 
-def action_signatures(app: Any, tx: Outcome) -> list[Signature]:
-    """The actions' signatures, in order; refuses a step naming a non-participant."""
-    return [messages.build_signature(app, tx, step.position, "action") for step in tx.steps]
+def action_signatures(app: Any, tx: Outcome, start: int = 0) -> list[Signature]:
+    """The signatures of the actions from ``start`` on, in order: each after the
+    first takes what the one before returns (``messages.Carried``), so that its
+    worker journals both steps in one write. Refuses a step naming a
+    non-participant."""
+    return [
+        messages.build_signature(app, tx, position, "action", carried=position > start)
+        for position in range(start, len(tx.steps))
+    ]
 
 
 def send_actions(app: Any, tx: Outcome, signatures: list[Signature]) -> None:

@@ -197,7 +197,7 @@ class CeleryDriver:
 
     def resume(self, tx: Outcome, position: int) -> Outcome:
         """Send the actions from ``position`` on, as one chain."""
-        signatures = dispatch.action_signatures(self.app, tx)[position:]
+        signatures = dispatch.action_signatures(self.app, tx, start=position)
         dispatch.send_actions(self.app, tx, signatures)
         return tx
 

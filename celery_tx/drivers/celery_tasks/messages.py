@@ -29,7 +29,10 @@ DESCRIPTION_KIND = "celery"
 TX_ID = "celery_tx_id"
 TX_STEP = "celery_tx_step"
 TX_PHASE = "celery_tx_phase"
-RESERVED_KWARGS = (TX_ID, TX_STEP, TX_PHASE)
+TX_CARRIED = "celery_tx_carried"
+"""Set on an action that a chain sends after another: the chain passes it the
+previous step's ``Carried`` as its first argument (its signature is mutable)."""
+RESERVED_KWARGS = (TX_ID, TX_STEP, TX_PHASE, TX_CARRIED)
 
 # Options a registered signature may carry into its message: routing and limits.
 # Anything else (links, errbacks, serializer...) would change how the chain runs.
@@ -45,6 +48,37 @@ class StepMessage:
     tx_id: uuid.UUID
     step: str
     phase: Phase
+    carried: bool = False
+    """Whether the task's first argument is the previous step's ``Carried``."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What an action hands the next one through the chain (its return value):
+    its position, its result, and the journal version its worker last wrote or
+    read. The next step's worker journals both steps from it in one write."""
+
+    previous: int
+    result: Any
+    version: int
+
+    KEY = "celery_tx_carried"
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON the chain passes on."""
+        return {self.KEY: [self.previous, self.version], "result": self.result}
+
+    @classmethod
+    def from_message(cls, value: Any) -> Carried:
+        """Parse what the chain passed on; ``InvalidArgument`` when it is not ours."""
+        try:
+            previous, version = value[cls.KEY]
+            result = value["result"]
+        except (TypeError, KeyError, ValueError):
+            raise InvalidArgument(f"expected the previous step's result, got {value!r}") from None
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (previous, version)):
+            raise InvalidArgument(f"expected the previous step's result, got {value!r}")
+        return cls(previous, result, version)
 
 
 def describe(signature: object, *, role: registry.Role, what: str) -> dict[str, Any]:
@@ -130,8 +164,11 @@ def task_id(tx_id: uuid.UUID, position: int, phase: Phase) -> str:
     return f"{tx_id}.{position}.{phase}"
 
 
-def build_signature(app: Any, tx: Outcome, position: int, phase: Phase) -> Signature:
-    """The immutable signature that runs ``phase`` of step ``position``.
+def build_signature(
+    app: Any, tx: Outcome, position: int, phase: Phase, *, carried: bool = False
+) -> Signature:
+    """The signature that runs ``phase`` of step ``position``: immutable, or, when
+    ``carried``, taking the previous action's ``Carried`` as its first argument.
 
     Refuses a journaled task name that is not a declared participant of that
     phase in this process: a journal row must not be able to run arbitrary tasks.
@@ -146,8 +183,12 @@ def build_signature(app: Any, tx: Outcome, position: int, phase: Phase) -> Signa
         )
     args, kwargs = decode_arguments(description)
     kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
+    if carried:
+        kwargs[TX_CARRIED] = True
     options = {**description.get("options", {}), "task_id": task_id(tx.id, position, phase)}
-    return Signature(description["task"], args, kwargs, options=options, immutable=True, app=app)
+    return Signature(
+        description["task"], args, kwargs, options=options, immutable=not carried, app=app
+    )
 
 
 def _lookup(app: Any, name: str, role: registry.Role) -> registry.ParticipantSpec | None:
@@ -178,13 +219,14 @@ def pop_step_message(kwargs: dict[str, Any]) -> StepMessage | None:
     if TX_ID not in kwargs:
         return None
     raw_id, step, phase = kwargs.pop(TX_ID), kwargs.pop(TX_STEP, None), kwargs.pop(TX_PHASE, None)
+    carried = kwargs.pop(TX_CARRIED, False) is True
     try:
         tx_id = uuid.UUID(str(raw_id))
     except ValueError:
         raise InvalidArgument(f"message names transaction {raw_id!r}, not a UUID") from None
     if not isinstance(step, str) or phase not in ("action", "compensation"):
         raise InvalidArgument(f"message names step {step!r} in phase {phase!r}")
-    return StepMessage(tx_id, step, phase)
+    return StepMessage(tx_id, step, phase, carried=carried and phase == "action")
 
 
 def _dumps(value: Any) -> str:

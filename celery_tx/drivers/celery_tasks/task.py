@@ -50,7 +50,12 @@ class ParticipantTask(celery.Task):  # type: ignore[misc]  # Celery ships no typ
         message = messages.pop_step_message(kwargs)
         if message is None:
             return super().__call__(*args, **kwargs)
-        return worker.run_step(self, message, args, kwargs)
+        carried = None
+        if message.carried:  # the chain put the previous step's hand-over first
+            if not args:
+                raise InvalidArgument("the message lacks the previous step's result")
+            carried, args = messages.Carried.from_message(args[0]), args[1:]
+        return worker.run_step(self, message, carried, args, kwargs)
 
     def compensation(self, function: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Declare ``function`` as this action's undo: also a participant task.

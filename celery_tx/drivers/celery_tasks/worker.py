@@ -1,12 +1,17 @@
 """A participant task's step, run in the worker: journal, call the function, journal.
 
 Actions: a step is journaled RUNNING before its function can run (an effect is
-never unaccounted for): the first by its own worker, each later one by the write
-that journals the step before it DONE with its result, before the chain sends
-it. So a step costs one read and one write (the first, two writes), and the last
-action's write commits the transaction: the chain needs no "finish" message. A
-failure is left to the chain's errback (``dispatch.step_failed``), which wins
-RUNNING -> COMPENSATING at most once. Compensations: journaled around the
+never unaccounted for). The first is read (its check) and, unless the commit
+marked it, journaled RUNNING by its own worker. Each later one's worker makes
+one conditional write and no read (``Journal.step_on``): the step before it
+DONE, with the result the chain handed over (``messages.Carried``), and itself
+RUNNING, only from the journal version the step before left and while the
+transaction is RUNNING. When that does not match (a redelivery, a rollback, a
+deadline) it reads the journal and decides as the first step does. The last
+action's write commits the transaction, flushed: the chain needs no "finish"
+message. So a transaction of N steps costs its workers N + 1 writes and one
+read. A failure is left to the chain's errback (``dispatch.step_failed``),
+which wins RUNNING -> COMPENSATING at most once. Compensations: journaled around the
 function too; one that keeps failing is retried by Celery with the step's
 policy, then journaled COMPENSATION_FAILED while the chain goes on; the last
 compensation's write ends the transaction.
@@ -25,14 +30,14 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from celery_tx.context import StepContext, running_step
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import TransactionStateError
+from celery_tx.core.errors import JournalUnavailable, TransactionStateError
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
 from celery_tx.driver import Event, start_rollback
 from celery_tx.drivers.celery_tasks import binding, dispatch
-from celery_tx.drivers.celery_tasks.messages import StepMessage
+from celery_tx.drivers.celery_tasks.messages import Carried, StepMessage
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
 
@@ -43,9 +48,21 @@ _STARTABLE = (StepStatus.PENDING, StepStatus.RUNNING)
 _TO_UNDO = (StepStatus.RUNNING, StepStatus.DONE, StepStatus.FAILED, StepStatus.COMPENSATING)
 
 
-def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run the step ``message`` names with the user's ``args`` and ``kwargs``."""
+def run_step(
+    task: Any,
+    message: StepMessage,
+    carried: Carried | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run the step ``message`` names with the user's ``args`` and ``kwargs``;
+    ``carried``: what the action before it handed over."""
     journal = binding.journal_for(task.app)
+    call = (args, kwargs)
+    if carried is not None:
+        tx = _step_on(journal, task, message, carried)
+        if tx is not None:  # the usual way: one write, no read
+            return _run_started(task, journal, tx, carried.previous + 1, call)
     tx = journal.load(message.tx_id)
     if tx is None:
         _refuse(message, "no such transaction in the journal")
@@ -56,11 +73,47 @@ def run_step(task: Any, message: StepMessage, args: tuple[Any, ...], kwargs: dic
     if description.get("task") != task.name:
         _refuse(message, f"the journal runs {description.get('task')!r} here, not {task.name!r}")
     if message.phase == "action":
-        return _run_action(task, journal, tx, position, (args, kwargs))
-    return _run_compensation(task, journal, tx, position, (args, kwargs))
+        if carried is not None:
+            tx = _journal_carried(journal, tx, position, carried)
+        return _run_action(task, journal, tx, position, call)
+    return _run_compensation(task, journal, tx, position, call)
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _step_on(journal: Journal, task: Any, message: StepMessage, carried: Carried) -> Outcome | None:
+    """The previous step DONE and this one RUNNING, in one conditional write; None
+    when the journal is not where the previous step left it (a redelivery, a
+    rollback, a deadline, another write): then the slow way reads and decides."""
+    try:
+        return journal.step_on(
+            message.tx_id,
+            version=carried.version,
+            previous=carried.previous,
+            result=carried.result,
+            name=message.step,
+            task=task.name,
+        )
+    except JournalUnavailable:  # the slow way reads (retrying), then writes what is due
+        logger.warning("journal unavailable, reading it instead", exc_info=True)
+        return None
+
+
+def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carried) -> Outcome:
+    """The slow way with a hand-over: journal the previous step's end, if still due."""
+    previous = carried.previous
+    if previous != position - 1 or tx.steps[previous].status is not StepStatus.RUNNING:
+        return tx  # journaled already (a redelivery), or not ours to write
+    if tx.status is TxStatus.RUNNING:
+        advance = _advance(journal, previous, carried.result)
+        return _apply_or_too_late(journal, tx, position, "action", advance)
+    # A rollback began before this step could start: its compensation still needs
+    # the result (action_result), if it has not started without it.
+    try:
+        return journal.apply(tx, lambda t: tr.record_late_result(t, previous, carried.result))
+    except TransactionStateError:
+        return tx
 
 
 def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
@@ -70,7 +123,7 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         # not have been sent yet, so let the chain go on without running again.
         # (If it was, the next step gets a second message: delivery is at least
         # once, and participants use their idempotency key.)
-        return step.result
+        return Carried(position, step.result, tx.version).to_message()
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
     if tx.deadline is not None and journal.clock() > tx.deadline:
@@ -80,6 +133,13 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         # others were, by the write that ended the step before. A redelivery
         # counts its attempt here too, before the function runs.
         tx = _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
+    return _run_started(task, journal, tx, position, call)
+
+
+def _run_started(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
+    """Run an action journaled RUNNING; journal its end if it is the last, else hand
+    its result to the next step, whose worker journals it with its own start."""
+    step = tx.steps[position]
     attempt = tx.steps[position].attempts
     context = StepContext(transaction_id=tx.id, step=step.name, phase="action", attempt=attempt)
     try:
@@ -103,12 +163,16 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         )
         _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
         raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
-    # One write ends this step and starts the next (or commits): the next
-    # step's message is sent only after this returns, so it is RUNNING in the
-    # journal before it can have an effect. Aborted meanwhile: the step stays
-    # RUNNING, so it is compensated.
+    if position + 1 < len(tx.steps):
+        # No write: the chain sends the next step with this hand-over, and its
+        # worker journals this step DONE and itself RUNNING in one write before
+        # its function runs. Until then this step is RUNNING, so a rollback
+        # compensates it.
+        return Carried(position, recordable(result), tx.version).to_message()
+    # The last action's write commits the transaction, flushed. Aborted
+    # meanwhile: the step stays RUNNING, so it is compensated.
     advance = _advance(journal, position, recordable(result))
-    tx = _apply_or_too_late(journal, tx, position, "action", advance)
+    tx = _apply_or_too_late(journal, tx, position, "action", advance)  # final: flushed
     if tx.status is TxStatus.COMMITTED:
         logger.info("transaction committed", extra=tx_extra(tx.id))
     return result
