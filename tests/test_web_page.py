@@ -91,6 +91,13 @@ def _rolled_back(coordinator: TransactionCoordinator, log: str) -> Any:
     return coordinator.commit_transaction(tx_id)
 
 
+def _running(coordinator: TransactionCoordinator, name: str) -> Any:
+    """A journaled RUNNING transaction (a PENDING one is only in this process's memory)."""
+    tx_id = coordinator.begin_transaction(name=name)
+    coordinator.register_participant(tx_id, "a", print, print)
+    return journal_started(coordinator, tx_id).id
+
+
 def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path):
     from selenium.webdriver.common.by import By
 
@@ -102,11 +109,11 @@ def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path)
         committed, "charge", functools.partial(append_line, log, "c"), print
     )
     coordinator.commit_transaction(committed)
-    coordinator.begin_transaction(name="cart <script>alert(1)</script>")  # escaped, not run
+    _running(coordinator, "cart <script>alert(1)</script>")  # escaped, not run
 
     browser.get(url + "/")
     rows = browser.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
-    assert [r.get_attribute("data-status") for r in rows] == ["PENDING", "COMMITTED", "ROLLED_BACK"]
+    assert [r.get_attribute("data-status") for r in rows] == ["RUNNING", "COMMITTED", "ROLLED_BACK"]
     assert "cart <script>alert(1)</script>" in rows[0].text
     browser.get(url + "/?status=ROLLED_BACK")
     rows = browser.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
@@ -207,11 +214,11 @@ def test_the_list_refreshes_and_keeps_what_is_typed_in_the_filters(browser: Any,
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, coordinator = site
-    first = coordinator.begin_transaction(name="first")
+    first = _running(coordinator, "first")
     browser.get(url + "/")
     field = browser.find_element(By.NAME, "name")
     field.send_keys("half-typ")
-    second = coordinator.begin_transaction(name="second")  # appears without a reload
+    second = _running(coordinator, "second")  # appears without a reload
 
     def ids(b: Any) -> list[str]:
         rows = b.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")

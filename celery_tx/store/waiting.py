@@ -137,6 +137,7 @@ class Waiters:
             if self._arrived.is_set():
                 self._arrived.clear()
                 pause = _FIRST_POLL
+                time.sleep(pause)  # the new waiter has just read the journal itself
             try:
                 self._wake_final_among(self._waited())
             except Exception:  # the journal briefly away: the next round reads again
