@@ -13,14 +13,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery.exceptions import Ignore
 
-from celery_tx import InvalidArgument, StepStatus, TransactionCoordinator, TxStatus
+from celery_tx import (
+    InvalidArgument,
+    JournalUnavailable,
+    StepStatus,
+    TransactionCoordinator,
+    TxStatus,
+)
 from celery_tx.core import transitions as tr
-from celery_tx.drivers.celery_tasks.messages import TX_CARRIED, TX_ID, TX_PHASE, TX_STEP
+from celery_tx.drivers.celery_tasks.dispatch import step_failed
+from celery_tx.drivers.celery_tasks.messages import TX_CARRIED, TX_ID, TX_PHASE, TX_STEP, task_id
 from tests.apps import tasks
 from tests.apps.tasks import effects
 from tests.journaled import start_without_running
@@ -55,9 +63,11 @@ def play(tx_id: uuid.UUID, step: str, path: str, *, carried: Any = None) -> Any:
     return result.result
 
 
-def two_steps(coordinator: TransactionCoordinator, path: str) -> uuid.UUID:
+def two_steps(
+    coordinator: TransactionCoordinator, path: str, timeout: float | None = None
+) -> uuid.UUID:
     """A transaction of steps a and b, journaled RUNNING by its commit; nothing sent."""
-    tx_id = coordinator.begin_transaction()
+    tx_id = coordinator.begin_transaction(timeout=timeout)
     for name in ("a", "b"):
         coordinator.register_participant(tx_id, name, tasks.step.s(path, name))
     start_without_running(coordinator, tx_id)
@@ -81,12 +91,7 @@ def test_a_result_handed_over_after_a_rollback_began_reaches_the_compensation(
     assert play(tx_id, "b", path, carried=handover) is None  # too late: ignored
     assert journal.get(tx_id).steps[0].result == handover["result"]
     coordinator.recover(stalled_after=0)  # sends a's compensation, to the worker
-    ended = journal.get(tx_id)
-    deadline = time.monotonic() + WAIT
-    while not ended.is_final and time.monotonic() < deadline:
-        time.sleep(0.1)
-        ended = journal.get(tx_id)
-    assert ended.status is TxStatus.ROLLED_BACK
+    assert ended(coordinator, tx_id).status is TxStatus.ROLLED_BACK
     assert effects(path) == ["a:action", "a:compensation"]
     assert Path(f"{path}.results").read_text().split() == [f"a:{tx_id}:a:action"]
 
@@ -124,3 +129,64 @@ def test_a_handover_that_is_not_ours_is_refused(
         play(tx_id, "b", path, carried=carried)
     assert coordinator.journal.get(tx_id) == before
     assert effects(path) == []
+
+
+def ended(coordinator: TransactionCoordinator, tx_id: uuid.UUID) -> Any:
+    """The transaction once final (the worker runs the compensations)."""
+    tx = coordinator.journal.get(tx_id)
+    deadline = time.monotonic() + WAIT
+    while not tx.is_final and time.monotonic() < deadline:
+        time.sleep(0.1)
+        tx = coordinator.journal.get(tx_id)
+    return tx
+
+
+def test_a_step_failing_before_its_handover_was_journaled_rolls_back(
+    coordinator: TransactionCoordinator, tmp_path: Path
+) -> None:
+    """b's worker failed before its one write (the journal was away, say): the
+    errback rolls back, b is SKIPPED, and a is compensated with its result."""
+    path = str(tmp_path / "effects")
+    tx_id = two_steps(coordinator, path)
+    handover = play(tx_id, "a", path)
+    request = SimpleNamespace(
+        id=task_id(tx_id, 1, "action"),
+        kwargs={TX_ID: str(tx_id), TX_STEP: "b", TX_PHASE: "action", TX_CARRIED: True},
+        args=(handover, path, "b"),
+    )
+    step_failed(request, JournalUnavailable("the journal is away"), None, str(tx_id))
+    tx = ended(coordinator, tx_id)
+    assert tx.status is TxStatus.ROLLED_BACK
+    assert [s.status for s in tx.steps] == [StepStatus.COMPENSATED, StepStatus.SKIPPED]
+    assert effects(path) == ["a:action", "a:compensation"]
+    assert Path(f"{path}.results").read_text().split() == [f"a:{tx_id}:a:action"]
+
+
+def test_a_step_redelivered_after_the_next_one_started_hands_over_nothing(
+    coordinator: TransactionCoordinator, tmp_path: Path
+) -> None:
+    """a's message again once b journaled a DONE: ignored, so b is not sent twice."""
+    path = str(tmp_path / "effects")
+    tx_id = two_steps(coordinator, path)
+    handover = play(tx_id, "a", path)
+    assert play(tx_id, "b", path, carried=handover)["step"] == "b"
+    assert play(tx_id, "a", path) is None
+    assert coordinator.journal.get(tx_id).status is TxStatus.COMMITTED
+    assert effects(path) == ["a:action", "b:action"]
+
+
+def test_a_handover_after_the_deadline_does_not_start_the_step(
+    coordinator: TransactionCoordinator, tmp_path: Path
+) -> None:
+    """b's message after the deadline: a is journaled DONE, b never starts (SKIPPED,
+    not compensated), and a is compensated with its result."""
+    path = str(tmp_path / "effects")
+    tx_id = two_steps(coordinator, path, timeout=1)
+    handover = play(tx_id, "a", path)
+    time.sleep(1.2)
+    assert play(tx_id, "b", path, carried=handover) is None
+    tx = ended(coordinator, tx_id)
+    assert tx.status is TxStatus.ROLLED_BACK
+    assert [s.status for s in tx.steps] == [StepStatus.COMPENSATED, StepStatus.SKIPPED]
+    assert effects(path) == ["a:action", "a:compensation"]
+    assert Path(f"{path}.results").read_text().split() == [f"a:{tx_id}:a:action"]

@@ -32,8 +32,11 @@ def journal(database_url: str) -> Iterator[Journal]:
     journal.close()
 
 
-def started(journal: Journal, *, deadline: datetime | None = None) -> Outcome:
-    """A journaled RUNNING transaction of three steps, the first RUNNING."""
+def started(
+    journal: Journal, *, deadline: datetime | None = None, first_running: bool = True
+) -> Outcome:
+    """A journaled RUNNING transaction of three steps, the first RUNNING (or PENDING,
+    as the Celery driver's commit leaves it)."""
     now = datetime.now(UTC)
     tx = Outcome(id=uuid.uuid4(), name="t", status=TxStatus.PENDING, created_at=now)
     for i in range(3):
@@ -45,8 +48,8 @@ def started(journal: Journal, *, deadline: datetime | None = None) -> Outcome:
             compensation={"kind": "celery", "task": TASK, "arguments": "[[], {}]"},
         )
         tx = tr.add_step(tx, step)
-    tx = replace(tx, deadline=deadline)
-    return journal.create(tr.start_action(tr.start_commit(tx, now), 0, now))
+    tx = tr.start_commit(replace(tx, deadline=deadline), now)
+    return journal.create(tr.start_action(tx, 0, now) if first_running else tx)
 
 
 def step_on(journal: Journal, tx: Outcome, **changes: object) -> Outcome | None:
@@ -121,3 +124,41 @@ def test_nothing_is_written_past_the_deadline(journal: Journal) -> None:
 def test_an_unknown_transaction(journal: Journal) -> None:
     tx = started(journal)
     assert step_on(journal, replace(tx, id=uuid.uuid4())) is None
+
+
+def test_the_first_step_starts_in_one_write(journal: Journal) -> None:
+    """start_first: step 0 RUNNING, one attempt; the returned transaction is the journal's."""
+    tx = started(journal, first_running=False)
+    after = journal.start_first(tx.id, name="s0", task=TASK)
+    assert after is not None
+    assert after == journal.load(tx.id)
+    assert after.version == tx.version + 1
+    assert (after.steps[0].status, after.steps[0].attempts) == (StepStatus.RUNNING, 1)
+    assert after.steps[1:] == tx.steps[1:]
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "first_running", "aborted"),
+    [
+        ("s0", TASK, True, False),  # started already: a redelivery
+        ("s1", TASK, False, False),  # not the first step
+        ("s0", "os.system", False, False),  # the journal runs another task there
+        ("s0", TASK, False, True),  # a rollback began
+    ],
+)
+def test_the_first_step_does_not_start_when_a_condition_fails(
+    journal: Journal, name: str, task: str, first_running: bool, aborted: bool
+) -> None:
+    tx = started(journal, first_running=first_running)
+    if aborted:
+        now = datetime.now(UTC)
+        tx = journal.save(tx, tr.begin_compensation(tx, now, failed_step=None, error="x"))
+    assert journal.start_first(tx.id, name=name, task=task) is None
+    assert journal.load(tx.id) == tx
+
+
+def test_the_first_step_does_not_start_past_the_deadline(journal: Journal) -> None:
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    tx = started(journal, deadline=past, first_running=False)
+    assert journal.start_first(tx.id, name="s0", task=TASK) is None
+    assert journal.load(tx.id) == tx

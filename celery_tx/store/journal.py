@@ -218,38 +218,55 @@ class Journal:
         read), or None when any condition does not hold: nothing is written,
         and the caller reads the journal to learn why.
         """
-        now = self.clock()
         values = {
             "b_id": tx_id,
             "b_version": version,
-            "b_new_version": version + 1,
             "b_previous": previous,
             "b_position": previous + 1,
             "b_name": name,
             "b_task": task,
             "b_result": result,
-            "now": now,
         }
+        after = self._conditional_start(values, sql.STEP_ON, sql.SQLITE_STEP_ON)
+        if after is not None:
+            tell(Write(_before_start(after, previous + 1, previous), after, None))
+        return after
+
+    def start_first(self, tx_id: uuid.UUID, *, name: str, task: str) -> Outcome | None:
+        """One conditional write, no read before it: the first step (``name``,
+        running ``task``) RUNNING, one more attempt, only if it is PENDING (nobody
+        started it), the transaction RUNNING and before its deadline.
+
+        Returns the transaction as written, or None (nothing written) otherwise.
+        """
+        values = {"b_id": tx_id, "b_position": 0, "b_name": name, "b_task": task}
+        after = self._conditional_start(values, sql.START_FIRST, sql.SQLITE_START_FIRST)
+        if after is not None:
+            tell(Write(_before_start(after, 0, None), after, None))
+        return after
+
+    def _conditional_start(
+        self, values: dict[str, Any], one_statement: sa.Select[Any], sqlite: Sequence[sa.Update]
+    ) -> Outcome | None:
+        """Run a conditional start: the one statement (PostgreSQL), or the updates
+        in one transaction, rolled back unless each changed one row (SQLite)."""
+        values = {**values, "now": self.clock()}
 
         def one(conn: Connection) -> Outcome | None:
-            return _outcome(conn.execute(sql.STEP_ON, values).mappings().all())
+            return _outcome(conn.execute(one_statement, values).mappings().all())
 
         def statements(conn: Connection) -> Outcome | None:
-            for statement in (sql.STEP_ON_TX, sql.STEP_ON_DONE, sql.STEP_ON_STARTED):
+            for statement in sqlite:
                 if conn.execute(statement, values).rowcount != 1:
                     raise _NotMatched  # rolls back what the earlier statements wrote
-            return _outcome(conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all())
+            return _outcome(conn.execute(sql.LOAD, {"tx_id": values["b_id"]}).mappings().all())
 
         try:
             if self._one_statement:
-                after = self._run(one, write=True, single=True)
-            else:
-                after = self._run(statements, write=True)
+                return self._run(one, write=True, single=True)
+            return self._run(statements, write=True)
         except _NotMatched:
             return None
-        if after is not None:
-            tell(Write(_before_step_on(after, previous), after, None))
-        return after
 
     def save(
         self, before: Outcome, after: Outcome, *, durable: bool = False, cause: Cause | None = None
@@ -495,15 +512,17 @@ def _outcome(joined: Sequence[Any]) -> Outcome | None:
     return rows.tx_from_rows(tx_row, step_rows)
 
 
-def _before_step_on(after: Outcome, previous: int) -> Outcome:
-    """What ``step_on`` wrote over, as the observers compare: the previous step
-    RUNNING without its result, the next one PENDING."""
+def _before_start(after: Outcome, position: int, previous: int | None) -> Outcome:
+    """What a conditional start wrote over, as the observers compare: the step at
+    ``position`` PENDING, the one at ``previous`` RUNNING without its result."""
     steps = list(after.steps)
-    done, started = steps[previous], steps[previous + 1]
-    steps[previous] = replace(done, status=StepStatus.RUNNING, result=None, finished_at=None)
-    steps[previous + 1] = replace(
+    started = steps[position]
+    steps[position] = replace(
         started, status=StepStatus.PENDING, attempts=started.attempts - 1, started_at=None
     )
+    if previous is not None:
+        done = steps[previous]
+        steps[previous] = replace(done, status=StepStatus.RUNNING, result=None, finished_at=None)
     return replace(after, steps=tuple(steps), version=after.version - 1)
 
 

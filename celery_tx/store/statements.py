@@ -219,16 +219,19 @@ class PreparedWrites:
 # -- the next step, in one conditional write (issue 13, decision 2) ---------------
 
 
-def _step_on_tx_conditions() -> list[sa.ColumnElement[bool]]:
-    """The transaction is where the previous step's worker left it (the version it
-    carried), RUNNING, and not past its deadline."""
+def _step_on_tx_conditions(first: bool) -> list[sa.ColumnElement[bool]]:
+    """The transaction RUNNING and not past its deadline; for a later step, also
+    where the previous step's worker left it (the version it carried). The first
+    step's start needs no version: only its PENDING status says nobody started it."""
     now = sa.bindparam("now", type_=_t.c.updated_at.type)
-    return [
+    conditions = [
         _t.c.id == sa.bindparam("b_id", type_=_t.c.id.type),
-        _t.c.version == sa.bindparam("b_version"),
         _t.c.status == "RUNNING",
         sa.or_(_t.c.deadline_at.is_(None), _t.c.deadline_at > now),
     ]
+    if not first:
+        conditions.append(_t.c.version == sa.bindparam("b_version"))
+    return conditions
 
 
 def _step_conditions(previous: bool) -> list[sa.ColumnElement[bool]]:
@@ -262,36 +265,31 @@ def _started_values() -> dict[str, Any]:
 
 def _tx_values() -> dict[str, Any]:
     return {
-        "version": sa.bindparam("b_new_version"),
+        "version": _t.c.version + 1,
         "updated_at": sa.bindparam("now", type_=_t.c.updated_at.type),
     }
 
 
-def one_statement_step_on() -> sa.Select[Any]:
+def one_statement_step_on(first: bool = False) -> sa.Select[Any]:
     """PostgreSQL: ``WITH cas AS (UPDATE tx ... RETURNING *), done AS (UPDATE the
     previous step DONE), started AS (UPDATE the next step RUNNING) SELECT`` the
     transaction as written, joined with all its steps: one round trip, and the
     caller needs no read. Nothing is written unless every condition holds
-    (the step writes join ``cas``, which checks both steps with EXISTS)."""
+    (the step writes join ``cas``, which checks the steps with EXISTS).
+    ``first``: the first step's start, with no previous step to end."""
 
     def step_exists(previous: bool) -> sa.Exists:
         return sa.exists().where(_s.c.tx_id == _t.c.id, *_step_conditions(previous))
 
+    checks = [step_exists(False)] if first else [step_exists(True), step_exists(False)]
     cas = (
         sa.update(_t)
-        .where(*_step_on_tx_conditions(), step_exists(True), step_exists(False))
+        .where(*_step_on_tx_conditions(first), *checks)
         .values(_tx_values())
         .returning(*_t.c)
         .cte("cas")
     )
     cas_id = sa.select(cas.c.id).scalar_subquery()
-    done = (
-        sa.update(_s)
-        .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_previous"))
-        .values(_done_values())
-        .returning(*_s.c)
-        .cte("done")
-    )
     started = (
         sa.update(_s)
         .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_position"))
@@ -300,11 +298,20 @@ def one_statement_step_on() -> sa.Select[Any]:
         .cte("started")
     )
     others = sa.select(*_s.c).where(
-        _s.c.tx_id == cas_id,
-        _s.c.position != sa.bindparam("b_previous"),
-        _s.c.position != sa.bindparam("b_position"),
+        _s.c.tx_id == cas_id, _s.c.position != sa.bindparam("b_position")
     )
-    steps = sa.union_all(sa.select(*done.c), sa.select(*started.c), others).subquery("s")
+    parts: list[sa.Select[Any]] = [sa.select(*started.c)]
+    if not first:
+        done = (
+            sa.update(_s)
+            .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_previous"))
+            .values(_done_values())
+            .returning(*_s.c)
+            .cte("done")
+        )
+        parts.append(sa.select(*done.c))
+        others = others.where(_s.c.position != sa.bindparam("b_previous"))
+    steps = sa.union_all(*parts, others).subquery("s")
     return (
         sa.select(
             *(cas.c[c.name].label(f"{_t.name}_{c.name}") for c in _t.columns),
@@ -316,16 +323,21 @@ def one_statement_step_on() -> sa.Select[Any]:
 
 
 STEP_ON = one_statement_step_on()
-# SQLite has no data-modifying CTEs: the same three conditional writes, in one
-# database transaction (a local call each, not a round trip).
-STEP_ON_TX = sa.update(_t).where(*_step_on_tx_conditions()).values(_tx_values())
-STEP_ON_DONE = (
-    sa.update(_s)
-    .where(_s.c.tx_id == sa.bindparam("b_id", type_=_s.c.tx_id.type), *_step_conditions(True))
-    .values(_done_values())
-)
-STEP_ON_STARTED = (
-    sa.update(_s)
-    .where(_s.c.tx_id == sa.bindparam("b_id", type_=_s.c.tx_id.type), *_step_conditions(False))
-    .values(_started_values())
-)
+START_FIRST = one_statement_step_on(first=True)
+
+
+def _sqlite_step_on(first: bool) -> tuple[sa.Update, ...]:
+    """SQLite has no data-modifying CTEs: the same conditional writes, in one
+    database transaction (a local call each, not a round trip)."""
+    tx_id = sa.bindparam("b_id", type_=_s.c.tx_id.type)
+    tx = sa.update(_t).where(*_step_on_tx_conditions(first)).values(_tx_values())
+    started = sa.update(_s).where(_s.c.tx_id == tx_id, *_step_conditions(False))
+    started = started.values(_started_values())
+    if first:
+        return (tx, started)
+    done = sa.update(_s).where(_s.c.tx_id == tx_id, *_step_conditions(True)).values(_done_values())
+    return (tx, done, started)
+
+
+SQLITE_STEP_ON = _sqlite_step_on(first=False)
+SQLITE_START_FIRST = _sqlite_step_on(first=True)

@@ -11,6 +11,7 @@ chain of compensations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from celery import chain, current_task, shared_task
 from celery.canvas import Signature
 
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import InvalidParticipant, TransactionStateError
+from celery_tx.core.errors import InvalidArgument, InvalidParticipant, TransactionStateError
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error
@@ -99,10 +100,13 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
         # stale one still fires the errback it carried): it must not abort it.
         logger.error("errback for a message the journal does not back", extra=tx_extra(tx.id))
         return
-    # A step is RUNNING once its message may run; only the first is PENDING then
-    # (it fails before its worker journaled it started: no effect, nothing to undo).
+    # A step is RUNNING once its function may run. One still PENDING failed before
+    # its worker journaled it started (no effect of its own): the first step, or
+    # one whose hand-over was not journaled yet, so the step before it is still
+    # RUNNING and is undone.
     failable = step.status is StepStatus.RUNNING or (
-        step.status is StepStatus.PENDING and step.position == 0
+        step.status is StepStatus.PENDING
+        and (step.position == 0 or tx.steps[step.position - 1].status is StepStatus.RUNNING)
     )
     if tx.status is not TxStatus.RUNNING or not failable:
         # Finished already (DONE by another delivery of the same step), not yet
@@ -113,12 +117,16 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
         )
         return
     position = step.position
+    carried = _carried(request)
 
     def fail(tx: Outcome) -> Outcome:
         now = journal.clock()
         if tx.steps[position].status is StepStatus.RUNNING:
             return tr.fail_action(tx, position, error, now)
         if tx.steps[position].status is StepStatus.PENDING:  # failed before it started
+            if carried is not None and carried.previous == position - 1:
+                with contextlib.suppress(TransactionStateError):  # for its compensation
+                    tx = tr.record_late_result(tx, carried.previous, carried.result)
             return tr.begin_compensation(tx, now, failed_step=name, error=error)
         raise TransactionStateError(f"step {name!r} is {tx.steps[position].status} now")
 
@@ -130,3 +138,13 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
     logger.warning(
         "action of %r failed, rolling back: %s", name, error, extra=tx_extra(tx.id, name)
     )
+
+
+def _carried(request: Any) -> messages.Carried | None:
+    """The hand-over the failed action's message carried, if any and well formed."""
+    if not (request.kwargs or {}).get(messages.TX_CARRIED) or not request.args:
+        return None
+    try:
+        return messages.Carried.from_message(request.args[0])
+    except InvalidArgument:
+        return None

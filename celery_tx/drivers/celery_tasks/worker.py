@@ -1,20 +1,19 @@
 """A participant task's step, run in the worker: journal, call the function, journal.
 
 Actions: a step is journaled RUNNING before its function can run (an effect is
-never unaccounted for). The first is read (its check) and, unless the commit
-marked it, journaled RUNNING by its own worker. Each later one's worker makes
-one conditional write and no read (``Journal.step_on``): the step before it
-DONE, with the result the chain handed over (``messages.Carried``), and itself
-RUNNING, only from the journal version the step before left and while the
-transaction is RUNNING. When that does not match (a redelivery, a rollback, a
-deadline) it reads the journal and decides as the first step does. The last
-action's write commits the transaction, flushed: the chain needs no "finish"
-message. So a transaction of N steps costs its workers N + 1 writes and one
-read. A failure is left to the chain's errback (``dispatch.step_failed``),
-which wins RUNNING -> COMPENSATING at most once. Compensations: journaled around the
-function too; one that keeps failing is retried by Celery with the step's
-policy, then journaled COMPENSATION_FAILED while the chain goes on; the last
-compensation's write ends the transaction.
+never unaccounted for), by its worker's one conditional write, with no read:
+the first step from PENDING (``Journal.start_first``); each later one together
+with the step before it DONE, with the result the chain handed over
+(``messages.Carried``), only from the journal version the step before left
+(``Journal.step_on``); both only while the transaction is RUNNING. When that
+does not match (a redelivery, a rollback, a deadline, a resumed chain) the
+worker reads the journal and decides. The last action's write commits the
+transaction, flushed: the chain needs no "finish" message. So a transaction of
+N steps costs its workers N + 1 writes. A failure is left to the chain's
+errback (``dispatch.step_failed``), which wins RUNNING -> COMPENSATING at most
+once. Compensations: journaled around the function too; one that keeps failing
+is retried by Celery with the step's policy, then journaled COMPENSATION_FAILED
+while the chain goes on; the last compensation's write ends the transaction.
 
 A message the journal does not back (unknown transaction or step, another task
 than the journal names) is rejected; one that arrives too late (the transaction
@@ -59,10 +58,10 @@ def run_step(
     ``carried``: what the action before it handed over."""
     journal = binding.journal_for(task.app)
     call = (args, kwargs)
-    if carried is not None:
-        tx = _step_on(journal, task, message, carried)
-        if tx is not None:  # the usual way: one write, no read
-            return _run_started(task, journal, tx, carried.previous + 1, call)
+    if message.phase == "action":
+        started = _start(journal, task, message, carried)
+        if started is not None:  # the usual way: one write, no read
+            return _run_started(task, journal, *started, call)
     tx = journal.load(message.tx_id)
     if tx is None:
         _refuse(message, "no such transaction in the journal")
@@ -82,12 +81,19 @@ def run_step(
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def _step_on(journal: Journal, task: Any, message: StepMessage, carried: Carried) -> Outcome | None:
-    """The previous step DONE and this one RUNNING, in one conditional write; None
-    when the journal is not where the previous step left it (a redelivery, a
-    rollback, a deadline, another write): then the slow way reads and decides."""
+def _start(
+    journal: Journal, task: Any, message: StepMessage, carried: Carried | None
+) -> tuple[Outcome, int] | None:
+    """The action journaled RUNNING in one conditional write, and its position: the
+    first step from PENDING, a later one with the previous step DONE from what it
+    handed over. None when the journal is not where it should be (a redelivery,
+    a rollback, a deadline, another write, a resumed chain): then the slow way
+    reads and decides."""
     try:
-        return journal.step_on(
+        if carried is None:
+            tx = journal.start_first(message.tx_id, name=message.step, task=task.name)
+            return None if tx is None else (tx, 0)
+        tx = journal.step_on(
             message.tx_id,
             version=carried.version,
             previous=carried.previous,
@@ -95,35 +101,45 @@ def _step_on(journal: Journal, task: Any, message: StepMessage, carried: Carried
             name=message.step,
             task=task.name,
         )
+        return None if tx is None else (tx, carried.previous + 1)
     except JournalUnavailable:  # the slow way reads (retrying), then writes what is due
         logger.warning("journal unavailable, reading it instead", exc_info=True)
         return None
 
 
 def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carried) -> Outcome:
-    """The slow way with a hand-over: journal the previous step's end, if still due."""
+    """The slow way with a hand-over: journal the previous step's end, if still due.
+
+    One event, whatever the journal holds when it lands: RUNNING, the previous
+    step DONE and this one RUNNING (not started past the deadline: the abort
+    that follows then skips it); a rollback begun, the result kept for the
+    previous step's compensation (``action_result``) unless that has started.
+    """
     previous = carried.previous
     if previous != position - 1 or tx.steps[previous].status is not StepStatus.RUNNING:
         return tx  # journaled already (a redelivery), or not ours to write
-    if tx.status is TxStatus.RUNNING:
-        advance = _advance(journal, previous, carried.result)
-        return _apply_or_too_late(journal, tx, position, "action", advance)
-    # A rollback began before this step could start: its compensation still needs
-    # the result (action_result), if it has not started without it.
+
+    def event(current: Outcome) -> Outcome:
+        now = journal.clock()
+        if current.status is not TxStatus.RUNNING:
+            return tr.record_late_result(current, previous, carried.result)
+        if current.deadline is not None and now > current.deadline:
+            return tr.finish_action(current, previous, carried.result, now)
+        return tr.advance(current, previous, carried.result, now)
+
     try:
-        return journal.apply(tx, lambda t: tr.record_late_result(t, previous, carried.result))
-    except TransactionStateError:
-        return tx
+        return journal.apply(tx, event)
+    except TransactionStateError:  # nothing of it is due any more
+        return journal.load(tx.id) or tx
 
 
 def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
     step = tx.steps[position]
-    if step.status is StepStatus.DONE and tx.status is TxStatus.RUNNING:
-        # Redelivered after its result was journaled: the rest of the chain may
-        # not have been sent yet, so let the chain go on without running again.
-        # (If it was, the next step gets a second message: delivery is at least
-        # once, and participants use their idempotency key.)
-        return Carried(position, step.result, tx.version).to_message()
+    if step.status is StepStatus.DONE:
+        # Redelivered after the next step journaled it DONE: the chain went on
+        # already (the next step started), so this message ends here. Handing
+        # over again would run the next step a second time.
+        _too_late(tx, position, "action")
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
     if tx.deadline is not None and journal.clock() > tx.deadline:
@@ -132,7 +148,7 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         # The first step (and one nobody marked) is journaled RUNNING here; the
         # others were, by the write that ended the step before. A redelivery
         # counts its attempt here too, before the function runs.
-        tx = _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
+        tx = _apply_or_too_late(journal, tx, position, "action", _start_event(journal, position))
     return _run_started(task, journal, tx, position, call)
 
 
@@ -149,7 +165,7 @@ def _run_started(task: Any, journal: Journal, tx: Outcome, position: int, call: 
         # Celery's own retry (autoretry_for, self.retry) has sent the next
         # attempt already; the step stays RUNNING, so it is accounted for, and
         # the attempt is counted here.
-        _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
+        _apply_or_too_late(journal, tx, position, "action", _start_event(journal, position))
         raise
     except task.celery_tx_retry_for as exc:
         policy = task.celery_tx_retry or RetryPolicy()
@@ -161,7 +177,7 @@ def _run_started(task: Any, journal: Journal, tx: Outcome, position: int, call: 
             *(step.name, delay, exc),
             extra=tx_extra(tx.id, step.name),
         )
-        _apply_or_too_late(journal, tx, position, "action", _start(journal, position))
+        _apply_or_too_late(journal, tx, position, "action", _start_event(journal, position))
         raise task.retry(exc=exc, countdown=delay, max_retries=policy.max_attempts) from exc
     if position + 1 < len(tx.steps):
         # No write: the chain sends the next step with this hand-over, and its
@@ -200,7 +216,7 @@ def _abort_past_deadline(task: Any, journal: Journal, tx: Outcome, position: int
     raise Ignore()
 
 
-def _start(journal: Journal, position: int) -> Event:
+def _start_event(journal: Journal, position: int) -> Event:
     return lambda tx: tr.start_action(tx, position, journal.clock())
 
 
