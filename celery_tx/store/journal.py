@@ -156,24 +156,15 @@ class Journal:
         insert whose acknowledgement was lost is recognised (the row holds
         exactly ``tx``), so it is never reported as failed when it landed.
         """
-        deadline = time.monotonic() + self.patience
-        pause = _FIRST_PAUSE
-        tried = False
-        while True:
+
+        def insert(retried: bool) -> None:
             try:
                 self._insert(tx, durable=durable)
-                break
             except JournalConflict:
-                if not tried or self.load(tx.id) != tx:
-                    raise
-                break  # the earlier try landed after all
-            except JournalUnavailable as exc:
-                if not exc.transient or time.monotonic() + pause > deadline:
-                    raise
-                tried = True
-                logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
-                time.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE)
+                if not retried or self.load(tx.id) != tx:
+                    raise  # the earlier try did not land: another writer's row
+
+        self._patiently(insert, warn=True)
         if before is not None:
             tell(Write(before, tx, cause))
         return tx
@@ -227,10 +218,7 @@ class Journal:
             "b_task": task,
             "b_result": result,
         }
-        after = self._conditional_start(values, sql.STEP_ON, sql.SQLITE_STEP_ON)
-        if after is not None:
-            tell(Write(_before_start(after, previous + 1, previous), after, None))
-        return after
+        return self._conditional_start(values, sql.STEP_ON, sql.SQLITE_STEP_ON, previous)
 
     def start_first(self, tx_id: uuid.UUID, *, name: str, task: str) -> Outcome | None:
         """One conditional write, no read before it: the first step (``name``,
@@ -240,16 +228,18 @@ class Journal:
         Returns the transaction as written, or None (nothing written) otherwise.
         """
         values = {"b_id": tx_id, "b_position": 0, "b_name": name, "b_task": task}
-        after = self._conditional_start(values, sql.START_FIRST, sql.SQLITE_START_FIRST)
-        if after is not None:
-            tell(Write(_before_start(after, 0, None), after, None))
-        return after
+        return self._conditional_start(values, sql.START_FIRST, sql.SQLITE_START_FIRST, None)
 
     def _conditional_start(
-        self, values: dict[str, Any], one_statement: sa.Select[Any], sqlite: Sequence[sa.Update]
+        self,
+        values: dict[str, Any],
+        one_statement: sa.Select[Any],
+        sqlite: Sequence[sa.Update],
+        previous: int | None,
     ) -> Outcome | None:
         """Run a conditional start: the one statement (PostgreSQL), or the updates
-        in one transaction, rolled back unless each changed one row (SQLite)."""
+        in one transaction, rolled back unless each changed one row (SQLite); the
+        observers are told the write that landed."""
         values = {**values, "now": self.clock()}
 
         def one(conn: Connection) -> Outcome | None:
@@ -263,10 +253,14 @@ class Journal:
 
         try:
             if self._one_statement:
-                return self._run(one, write=True, single=True)
-            return self._run(statements, write=True)
+                after = self._run(one, write=True, single=True)
+            else:
+                after = self._run(statements, write=True)
         except _NotMatched:
             return None
+        if after is not None:
+            tell(Write(_before_start(after, values["b_position"], previous), after, None))
+        return after
 
     def save(
         self, before: Outcome, after: Outcome, *, durable: bool = False, cause: Cause | None = None
@@ -448,16 +442,27 @@ class Journal:
             return self._transaction(statements, write=write, durable=durable, single=single)
         # A read is safe to repeat. After a database restart the pool's first
         # connections are dead; the failure discards them, so a retry reconnects.
+        return self._patiently(
+            lambda _: self._transaction(statements, write=False, durable=False, single=single)
+        )
+
+    def _patiently(self, attempt: Callable[[bool], _T], *, warn: bool = False) -> _T:
+        """``attempt(retried)``, tried again with growing pauses while the database is
+        briefly unreachable, for up to ``patience`` seconds; ``warn``: log each retry."""
         deadline = time.monotonic() + self.patience
         pause = _FIRST_PAUSE
+        retried = False
         while True:
             try:
-                return self._transaction(statements, write=False, durable=False, single=single)
+                return attempt(retried)
             except JournalUnavailable as exc:
                 if not exc.transient or time.monotonic() + pause > deadline:
                     raise
+                if warn:
+                    logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
             time.sleep(pause)
             pause = min(pause * 2, _MAX_PAUSE)
+            retried = True
 
     def _transaction(
         self,

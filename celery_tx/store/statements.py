@@ -290,26 +290,24 @@ def one_statement_step_on(first: bool = False) -> sa.Select[Any]:
         .cte("cas")
     )
     cas_id = sa.select(cas.c.id).scalar_subquery()
-    started = (
-        sa.update(_s)
-        .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_position"))
-        .values(_started_values())
-        .returning(*_s.c)
-        .cte("started")
-    )
+
+    def step_written(position: str, values: dict[str, Any], name: str) -> sa.Select[Any]:
+        """The step at ``position`` updated, if ``cas`` matched, as written."""
+        update = (
+            sa.update(_s)
+            .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam(position))
+            .values(values)
+            .returning(*_s.c)
+            .cte(name)
+        )
+        return sa.select(*update.c)
+
+    parts = [step_written("b_position", _started_values(), "started")]
     others = sa.select(*_s.c).where(
         _s.c.tx_id == cas_id, _s.c.position != sa.bindparam("b_position")
     )
-    parts: list[sa.Select[Any]] = [sa.select(*started.c)]
     if not first:
-        done = (
-            sa.update(_s)
-            .where(_s.c.tx_id == cas_id, _s.c.position == sa.bindparam("b_previous"))
-            .values(_done_values())
-            .returning(*_s.c)
-            .cte("done")
-        )
-        parts.append(sa.select(*done.c))
+        parts.append(step_written("b_previous", _done_values(), "done"))
         others = others.where(_s.c.position != sa.bindparam("b_previous"))
     steps = sa.union_all(*parts, others).subquery("s")
     return (

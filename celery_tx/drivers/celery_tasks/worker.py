@@ -135,11 +135,8 @@ def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carr
 
 def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
     step = tx.steps[position]
-    if step.status is StepStatus.DONE:
-        # Redelivered after the next step journaled it DONE: the chain went on
-        # already (the next step started), so this message ends here. Handing
-        # over again would run the next step a second time.
-        _too_late(tx, position, "action")
+    # DONE too is too late: the next step journaled it DONE, so the chain went on
+    # already; handing over again would run the next step a second time.
     if tx.status is not TxStatus.RUNNING or step.status not in _STARTABLE:
         _too_late(tx, position, "action")
     if tx.deadline is not None and journal.clock() > tx.deadline:
