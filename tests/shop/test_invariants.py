@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import pytest
@@ -23,9 +24,22 @@ def settled(running_shop: RunningShop) -> list[invariants.Placed]:
     bad = place_order(running_shop.coordinator, "bob", "bob@example.com", [_item("PEN", 1)])
     placed = [invariants.Placed(p.order_id, p.handle.wait(30)) for p in (good, bad)]
     assert [p.outcome.status for p in placed] == [TxStatus.COMMITTED, TxStatus.ROLLED_BACK]
+    # The worker confirms the committed order by a task it sends once the commit
+    # is journaled: let that run first, so it cannot undo a breakage below.
+    _wait_for_confirmation(good.order_id)
     orders.settle_orders(running_shop.coordinator)
     assert invariants.check(placed, running_shop.sink.received.emails_by_order()) == []
     return placed
+
+
+def _wait_for_confirmation(order_id: str, seconds: float = 30) -> None:
+    """Until the order is CONFIRMED (the worker's settle task ran), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        order = orders.get_order(order_id)
+        if order is not None and order.status == orders.CONFIRMED:
+            return
+        time.sleep(0.05)
 
 
 def _item(sku: str, quantity: int) -> dict[str, object]:

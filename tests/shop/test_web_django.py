@@ -22,7 +22,7 @@ from django.db import connections, transaction
 from django.test import Client
 from django.test.utils import setup_test_environment, teardown_test_environment
 
-from celery_tx import TxStatus
+from celery_tx import CommitHandle, TxStatus
 from example_shop.services import orders
 from tests.shop.conftest import RunningShop
 
@@ -149,6 +149,8 @@ def test_the_order_starts_only_when_the_outermost_block_commits(shop: RunningSho
     assert _journaled(shop) == journaled + 1
     outcome = shop.coordinator.get_transaction(checkout_request.transaction_id)
     assert outcome.name == orders.TRANSACTION_NAME
+    # Let the worker finish it: its order must not appear during the next test.
+    CommitHandle(outcome.id, shop.coordinator.journal).wait(60)
 
 
 def test_a_rolled_back_django_transaction_starts_no_order(shop: RunningShop):
