@@ -1,8 +1,8 @@
 """Throughput of celery-tx transactions against plain Celery chains, side by side.
 
-Run it as ``.venv/bin/python benchmarks/saga_vs_chain.py [--stack redis|embedded]
+Run it as ``.venv/bin/python benchmarks/saga_vs_chain.py [--stack redis|rabbitmq|embedded]
 [--transactions N] [--rounds R] [--workers 2,4] [--participants 4,1,16]
-[--count-commits]``.
+[--count-commits] [--cpu]``.
 
 For each worker size C it starts one ``celery worker`` subprocess (prefork, C
 processes, the project's ``celeryconfig.py``) and, against it, alternately:
@@ -26,12 +26,16 @@ including everything the sending process does. Rounds alternate the sides so
 that a change in the machine's load hits all; the ratios printed are of the
 medians. ``--count-commits`` adds, per side at P = 4, the database's own count
 of committed transactions per transaction (``pg_stat_database.xact_commit``,
-reads while waiting included), after the server's statistics settle.
+reads while waiting included), after the server's statistics settle;
+``--cpu`` the CPU milliseconds per transaction at P = 4 of each process group
+(this client, the worker with its pool, PostgreSQL, Redis, RabbitMQ), one run of each
+side: on 2 cores, what a side costs in all is what bounds its throughput.
 
 Stacks: ``redis`` (Redis broker and result backend, PostgreSQL journal; the
 PostgreSQL database is ``CELERY_TX_BENCH_PG_URL``, default
 ``postgresql://postgres@127.0.0.1/test``, in a schema-free fresh table set that
-is emptied first) and ``embedded`` (kombu's filesystem broker, Celery's file
+is emptied first), ``rabbitmq`` (the same with RabbitMQ as the broker;
+the queue is purged first) and ``embedded`` (kombu's filesystem broker, Celery's file
 result backend, SQLite journal, all in a temporary folder).
 """
 
@@ -50,12 +54,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+# The broker of each stack with servers; both keep results in Redis and the
+# journal in PostgreSQL.
+_SERVER_STACKS = {
+    "redis": "redis://127.0.0.1:6379/4",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//",
+}
+
+
 def _environment(stack: str, folder: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
     env["PYTHONPATH"] = str(ROOT)
     env["CELERY_TX_DATA_DIR"] = str(folder)
-    if stack == "redis":
-        env["CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/4"
+    if stack in _SERVER_STACKS:
+        env["CELERY_BROKER_URL"] = _SERVER_STACKS[stack]
         env["CELERY_RESULT_BACKEND"] = "redis://127.0.0.1:6379/5"
         env["CELERY_TX_DATABASE_URL"] = os.environ.get(
             "CELERY_TX_BENCH_PG_URL", "postgresql://postgres@127.0.0.1/test"
@@ -68,13 +80,19 @@ def _environment(stack: str, folder: Path) -> dict[str, str]:
 
 def _empty(stack: str, env: dict[str, str]) -> None:
     """Start from an empty broker and journal, so earlier runs cannot weigh."""
-    if stack != "redis":
+    if stack not in _SERVER_STACKS:
         return
     import redis
     import sqlalchemy as sa
 
     for db in (4, 5):
         redis.Redis(db=db).flushdb()
+    if stack == "rabbitmq":
+        import kombu
+
+        with kombu.Connection(env["CELERY_BROKER_URL"]) as connection:
+            kombu.Queue("celery", channel=connection.default_channel).declare()
+            connection.default_channel.queue_purge("celery")
     url = env["CELERY_TX_DATABASE_URL"].replace("postgresql:", "postgresql+psycopg:")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
@@ -212,6 +230,27 @@ def _server_commits(url: str) -> int:
     return int(row[0])
 
 
+def cpu_breakdown(app_module, sides: list[str], n: int, worker_pid: int) -> dict[str, dict]:
+    """CPU milliseconds per transaction at P = 4, by process group: this client, the
+    worker (main and pool processes), PostgreSQL, the broker."""
+    from benchmarks import cpu
+
+    groups = cpu.Groups(
+        {
+            "worker": [worker_pid],
+            "postgres": cpu.pids_named("postgres"),
+            "redis": cpu.pids_named("redis-server"),
+            "rabbitmq": cpu.pids_named("beam.smp"),
+        }
+    )
+    found = {}
+    for side in sides:
+        before = groups.seconds()
+        SIDES[side](app_module, n, 4)
+        found[side] = cpu.per_transaction(before, groups.seconds(), n)
+    return found
+
+
 _SETTLE = 11.5  # seconds: an idle backend reports its counts after 10 s (PGSTAT_IDLE_INTERVAL)
 
 
@@ -231,7 +270,7 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
     import benchmarks.bench_app as app_module
 
     sides = ["chain", "saga"]
-    if args.stack == "redis":
+    if args.stack in _SERVER_STACKS:
         sides += ["floor", "chain/sql"]
     _empty(args.stack, env)
     worker = _start_worker(env, folder, workers)
@@ -262,7 +301,11 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
                 + " ".join(f"{rates[a] / rates[b]:>14.2f}" for _, a, b in ratios),
                 flush=True,
             )
-        if args.count_commits and args.stack == "redis":
+        if args.cpu:
+            print("CPU ms per transaction, P=4, by process:")
+            for side, ms in cpu_breakdown(app_module, sides, args.transactions, worker.pid).items():
+                print(f"  {side:>10} " + " ".join(f"{k} {v:6.2f}" for k, v in ms.items()))
+        if args.count_commits and args.stack in _SERVER_STACKS:
             counts = count_commits(app_module, env["CELERY_TX_DATABASE_URL"], sides, 100)
             print(
                 "server-counted commits per transaction, P=4: "
@@ -282,12 +325,13 @@ def _numbers(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stack", choices=["redis", "embedded"], default="redis")
+    parser.add_argument("--stack", choices=[*_SERVER_STACKS, "embedded"], default="redis")
     parser.add_argument("--transactions", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=_numbers, default=[2, 4], help="pool sizes (2,4)")
     parser.add_argument("--participants", type=_numbers, default=[4, 1, 16], help="(4,1,16)")
     parser.add_argument("--count-commits", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="CPU per transaction, by process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
