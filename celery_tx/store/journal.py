@@ -37,7 +37,7 @@ from celery_tx.core.causes import Cause
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.store import rows, schema
+from celery_tx.store import postgres, rows, schema
 from celery_tx.store import statements as sql
 from celery_tx.store.engine import (
     Pools,
@@ -116,6 +116,14 @@ class Journal:
     def load(self, tx_id: uuid.UUID) -> Outcome | None:
         """The journaled transaction, or None when there is no such id."""
 
+        if self._one_statement:
+
+            def one(conn: Connection) -> Outcome | None:
+                document = conn.exec_driver_sql(postgres.LOAD, {"id": tx_id}).scalar()
+                return None if document is None else rows.tx_from_json(document)
+
+            return self._run(one, write=False)
+
         def statements(conn: Connection) -> Outcome | None:
             return _outcome(conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all())
 
@@ -174,7 +182,7 @@ class Journal:
         if self._one_statement:
 
             def one(conn: Connection) -> None:
-                self._prepared.create_in_one_statement(conn, tx, updated_at)
+                conn.exec_driver_sql(postgres.CREATE, postgres.create_parameters(tx, updated_at))
 
             return self._run(one, write=True, durable=durable, single=True)
 
@@ -210,15 +218,15 @@ class Journal:
         and the caller reads the journal to learn why.
         """
         values = {
-            "b_id": tx_id,
-            "b_version": version,
-            "b_previous": previous,
-            "b_position": previous + 1,
-            "b_name": name,
-            "b_task": task,
-            "b_result": result,
+            "id": tx_id,
+            "version": version,
+            "previous": previous,
+            "position": previous + 1,
+            "name": name,
+            "task": task,
+            "result": result,
         }
-        return self._conditional_start(values, sql.STEP_ON, sql.SQLITE_STEP_ON, previous)
+        return self._conditional_start(values, postgres.STEP_ON, sql.SQLITE_STEP_ON)
 
     def start_first(self, tx_id: uuid.UUID, *, name: str, task: str) -> Outcome | None:
         """One conditional write, no read before it: the first step (``name``,
@@ -227,29 +235,29 @@ class Journal:
 
         Returns the transaction as written, or None (nothing written) otherwise.
         """
-        values = {"b_id": tx_id, "b_position": 0, "b_name": name, "b_task": task}
-        return self._conditional_start(values, sql.START_FIRST, sql.SQLITE_START_FIRST, None)
+        values = {"id": tx_id, "position": 0, "name": name, "task": task}
+        return self._conditional_start(values, postgres.START_FIRST, sql.SQLITE_START_FIRST)
 
     def _conditional_start(
-        self,
-        values: dict[str, Any],
-        one_statement: sa.Select[Any],
-        sqlite: Sequence[sa.Update],
-        previous: int | None,
+        self, values: dict[str, Any], one_statement: str, sqlite: Sequence[sa.Update]
     ) -> Outcome | None:
         """Run a conditional start: the one statement (PostgreSQL), or the updates
         in one transaction, rolled back unless each changed one row (SQLite); the
         observers are told the write that landed."""
-        values = {**values, "now": self.clock()}
+        now = self.clock()
 
         def one(conn: Connection) -> Outcome | None:
-            return _outcome(conn.execute(one_statement, values).mappings().all())
+            parameters = postgres.step_on_parameters(values, now)
+            document = conn.exec_driver_sql(one_statement, parameters).scalar()
+            return None if document is None else rows.tx_from_json(document)
 
         def statements(conn: Connection) -> Outcome | None:
+            parameters = {f"b_{key}": value for key, value in values.items()}
+            parameters["now"] = now
             for statement in sqlite:
-                if conn.execute(statement, values).rowcount != 1:
+                if conn.execute(statement, parameters).rowcount != 1:
                     raise _NotMatched  # rolls back what the earlier statements wrote
-            return _outcome(conn.execute(sql.LOAD, {"tx_id": values["b_id"]}).mappings().all())
+            return _outcome(conn.execute(sql.LOAD, {"tx_id": values["id"]}).mappings().all())
 
         try:
             if self._one_statement:
@@ -259,7 +267,8 @@ class Journal:
         except _NotMatched:
             return None
         if after is not None:
-            tell(Write(_before_start(after, values["b_position"], previous), after, None))
+            previous = values.get("previous")
+            tell(Write(_before_start(after, values["position"], previous), after, None))
         return after
 
     def save(
@@ -327,15 +336,14 @@ class Journal:
         *,
         durable: bool,
     ) -> Outcome:
-        """``save`` as one PostgreSQL statement (``statements.one_statement_save``):
-        atomic on its own, so in autocommit mode the whole write is one round trip
-        instead of BEGIN, 2-3 statements and COMMIT."""
+        """``save`` as one PostgreSQL statement (``postgres.save``): atomic on its
+        own, so in autocommit mode the whole write is one round trip instead of
+        BEGIN, 2-3 statements and COMMIT."""
+        statement = postgres.save(tuple(changes), bool(changed), bool(added))
+        values = postgres.save_parameters(after.id, version, changes, changed, added)
 
         def statements(conn: Connection) -> Outcome:
-            matched = self._prepared.save_in_one_statement(
-                conn, after=after, changes=changes, added=added, changed=changed, version=version
-            )
-            if matched != 1:
+            if conn.exec_driver_sql(statement, values).scalar() != 1:
                 raise JournalConflict(f"transaction {after.id} changed since version {version}")
             return replace(after, version=version + 1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from celery_tx.core.outcome import Outcome, StepOutcome
@@ -59,7 +60,7 @@ def tx_changes(before: Outcome, after: Outcome) -> dict[str, Any]:
 def step_to_row(tx_id: uuid.UUID, step: StepOutcome) -> dict[str, Any]:
     """The full step row for an insert."""
     return {
-        **_mutable_columns(step),
+        **mutable_columns(step),
         "tx_id": tx_id,
         "position": step.position,
         "name": step.name,
@@ -71,10 +72,11 @@ def step_to_row(tx_id: uuid.UUID, step: StepOutcome) -> dict[str, Any]:
 
 def step_update_row(tx_id: uuid.UUID, step: StepOutcome) -> dict[str, Any]:
     """Parameters of the executemany UPDATE of a step's mutable columns."""
-    return {**_mutable_columns(step), "b_tx_id": tx_id, "b_position": step.position}
+    return {**mutable_columns(step), "b_tx_id": tx_id, "b_position": step.position}
 
 
-def _mutable_columns(step: StepOutcome) -> dict[str, Any]:
+def mutable_columns(step: StepOutcome) -> dict[str, Any]:
+    """The step's columns that change after registration (``STEP_MUTABLE_COLUMNS``)."""
     return {column: getattr(step, column) for column in STEP_MUTABLE_COLUMNS}
 
 
@@ -115,3 +117,31 @@ def _step_from_row(row: Mapping[str, Any]) -> StepOutcome:
         compensation_started_at=row["compensation_started_at"],
         compensation_finished_at=row["compensation_finished_at"],
     )
+
+
+_TX_INSTANTS = ("created_at", "started_at", "finished_at", "deadline_at")
+_STEP_INSTANTS = (
+    "started_at",
+    "finished_at",
+    "compensation_started_at",
+    "compensation_finished_at",
+)
+
+
+def tx_from_json(document: Mapping[str, Any]) -> Outcome:
+    """The snapshot in ``{"tx": row, "steps": [row, ...]}``, rows as PostgreSQL's
+    ``row_to_json`` writes them (``schema.TX_JSON``): ids and times as text."""
+    row = dict(document["tx"])
+    row["id"] = uuid.UUID(row["id"])
+    _parse_instants(row, _TX_INSTANTS)
+    step_rows = [dict(step) for step in document["steps"] or ()]
+    for step in step_rows:
+        _parse_instants(step, _STEP_INSTANTS)
+    return tx_from_rows(row, step_rows)
+
+
+def _parse_instants(row: dict[str, Any], columns: tuple[str, ...]) -> None:
+    for column in columns:
+        value = row[column]
+        if value is not None:
+            row[column] = datetime.fromisoformat(value).astimezone(UTC)

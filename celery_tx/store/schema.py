@@ -12,11 +12,24 @@ from sqlalchemy.engine import Connection, Dialect
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The version of the tables below; bump it and add a migration to change them."""
 
 FINAL_CHANNEL = "celery_tx_final"
-"""The PostgreSQL notification channel told each transaction id that became final."""
+"""The PostgreSQL notification channel told each transaction that became final: its
+id, then, when it fits, a space and the transaction as ``TX_JSON``."""
+
+NOTIFIED_OUTCOME_BYTES = 7900
+"""The largest ``TX_JSON`` a notification carries (PostgreSQL refuses payloads of
+8000 bytes or more); a larger transaction is notified by its id alone."""
+
+TX_JSON = (
+    "json_build_object('tx', row_to_json({tx}),"
+    " 'steps', (SELECT json_agg(x ORDER BY x.position) FROM {steps} x))"
+)
+"""PostgreSQL: a transaction row ``{tx}`` and its step rows ``{steps}`` as one JSON
+value (``rows.tx_from_json`` reads it): one column for the driver to decode,
+instead of a row of every column per step."""
 
 
 def _add_progress_columns(conn: Connection) -> None:
@@ -60,22 +73,32 @@ def _name_the_celery_driver(conn: Connection) -> None:
 
 
 def notify_when_final(conn: Connection) -> None:
-    """Version 3 -> 4, and every new journal: on PostgreSQL, the write that makes a
-    transaction final also notifies ``FINAL_CHANNEL`` with its id, so waiting
-    costs the journal nothing per poll (``celery_tx.store.waiting``). A trigger,
-    not a statement of each writer: every write that ends a transaction, from any
-    process or version, notifies; NOTIFY is delivered when that write commits.
-    Nothing on SQLite, whose waiters poll in one thread."""
+    """Version 3 -> 4 and 4 -> 5, and every new journal: on PostgreSQL, the write
+    that makes a transaction final also notifies ``FINAL_CHANNEL`` with its id
+    and (since version 5) the transaction as it ended, so waiting costs the
+    journal nothing: no poll, and no read once woken (``celery_tx.store.waiting``).
+    A trigger, not a statement of each writer: every write that ends a
+    transaction, from any process or version, notifies; NOTIFY is delivered when
+    that write commits. The trigger runs at the end of the writing statement, so
+    it sees the steps that statement wrote too. Nothing on SQLite, whose waiters
+    poll in one thread."""
     if conn.dialect.name != "postgresql":
         return
     final = ", ".join(f"'{status}'" for status in ("COMMITTED", "ROLLED_BACK", "FAILED"))
+    outcome = TX_JSON.format(tx="NEW", steps="(SELECT * FROM celery_tx_steps WHERE tx_id = NEW.id)")
     conn.exec_driver_sql(
         f"""
         CREATE OR REPLACE FUNCTION celery_tx_notify_final() RETURNS trigger AS $$
+        DECLARE
+            outcome text;
         BEGIN
             IF NEW.status IN ({final})
                AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM NEW.status) THEN
-                PERFORM pg_notify('{FINAL_CHANNEL}', NEW.id::text);
+                outcome := ({outcome})::text;
+                IF octet_length(outcome) > {NOTIFIED_OUTCOME_BYTES} THEN
+                    outcome := NULL;
+                END IF;
+                PERFORM pg_notify('{FINAL_CHANNEL}', NEW.id::text || coalesce(' ' || outcome, ''));
             END IF;
             RETURN NULL;
         END
@@ -93,6 +116,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _add_progress_columns,
     2: _name_the_celery_driver,
     3: notify_when_final,
+    4: notify_when_final,
 }
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
