@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import weakref
 from concurrent.futures import Future
 
 from celery_tx.arguments import check_timeout
@@ -20,10 +21,23 @@ class CommitHandle:
     so any process can make a handle's answer final (a worker, a sweep).
     """
 
-    def __init__(self, tx_id: uuid.UUID, journal: Journal, run: Future[Outcome] | None = None):
+    def __init__(
+        self,
+        tx_id: uuid.UUID,
+        journal: Journal,
+        run: Future[Outcome] | None = None,
+        *,
+        watched: bool = False,
+    ):
         self._id = tx_id
         self._journal = journal
         self._run = run  # the in-process commit, when this process runs it
+        # The commit watched the transaction's end since before journaling it
+        # (``waiting.Waiters.watch``): the handle holds that watch until it is
+        # dropped, and waits without reading the journal.
+        self._watched = watched
+        if watched:
+            weakref.finalize(self, waiters_for(journal).unwatch, tx_id)
 
     def __repr__(self) -> str:
         return f"<CommitHandle {self._id}>"
@@ -59,7 +73,7 @@ class CommitHandle:
                 raise self._timeout(timeout) from None
         # One thread per journal watches for the end (a notification on
         # PostgreSQL): no poll of the journal per handle.
-        tx = waiters_for(self._journal).wait_final(self._id, timeout)
+        tx = waiters_for(self._journal).wait_final(self._id, timeout, watched=self._watched)
         if tx is None:
             raise self._timeout(timeout)
         return tx

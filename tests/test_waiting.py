@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from celery_tx import CommitHandle, TransactionNotFound, TxStatus
-from celery_tx.core.outcome import Outcome
+from celery_tx import CommitHandle, StepStatus, TransactionNotFound, TxStatus
+from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.store import Journal, schema
 from celery_tx.store.waiting import waiters_for
 
 WAITERS = 8
+WAITERS_THREAD = "celery-tx waiters"  # the listener's (or poller's) name
 
 
 def running(journal: Journal) -> Outcome:
@@ -41,14 +42,19 @@ def end(journal: Journal, tx: Outcome) -> Outcome:
 
 
 @contextmanager
-def counting_statements(journal: Journal, *, only_here: bool = False) -> Iterator[list[str]]:
+def counting_statements(
+    journal: Journal, *, only_here: bool = False, but_the_listener: bool = False
+) -> Iterator[list[str]]:
     """Every statement the journal's engines send while the block runs (``only_here``:
-    those of this thread)."""
+    those of this thread; ``but_the_listener``: all but the waiters' thread's)."""
     sent: list[str] = []
     here = threading.current_thread()
 
     def record(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if not only_here or threading.current_thread() is here:
+        thread = threading.current_thread()
+        if only_here and thread is not here:
+            return
+        if not (but_the_listener and thread.name == WAITERS_THREAD):
             sent.append(statement)
 
     for engine in journal.engines:
@@ -95,8 +101,10 @@ def journals(database_url: str) -> Iterator[tuple[Journal, Journal]]:
 
 def test_many_handles_wait_on_one_thread(journals: tuple[Journal, Journal]) -> None:
     """Eight handles waiting half a second: each reads the transaction once before
-    and once after; the thread's reads do not grow with the handles (PostgreSQL: one, when it
-    starts listening; SQLite: one poll for all of them at a time)."""
+    waiting; once woken, none reads on PostgreSQL (the notification carries the
+    transaction as it ended), each once more on SQLite. The thread's reads do not
+    grow with the handles (PostgreSQL: one, when it starts listening; SQLite: one
+    poll for all of them at a time)."""
     waiting, other = journals
     txs = [running(other) for _ in range(WAITERS)]
     with counting_statements(waiting) as sent:
@@ -109,11 +117,81 @@ def test_many_handles_wait_on_one_thread(journals: tuple[Journal, Journal]) -> N
         TxStatus.COMMITTED
     ] * WAITERS
     assert [r.version for r in results if isinstance(r, Outcome)] == [e.version for e in ended]
-    per_handle = 2 * WAITERS  # read once before waiting, once when woken
     if waiting.engine.dialect.name == "postgresql":
-        assert len(sent) == per_handle + 1  # + the listener's one read when it starts
-    else:  # one poll for all, every 5 ms growing to 100 ms: not 8 polls at a time
+        assert len(sent) == WAITERS + 1  # + the listener's one read when it starts
+    else:  # read before and after; one poll for all, every 5 ms growing to 100 ms
+        per_handle = 2 * WAITERS
         assert per_handle < len(sent) <= per_handle + 40
+
+
+def test_a_transaction_watched_before_it_was_journaled_is_waited_for_without_a_read(
+    journals: tuple[Journal, Journal],
+) -> None:
+    """A commit watches its transaction before journaling it: its handle waits
+    without reading, before or after (PostgreSQL; SQLite reads once woken), and
+    gets the transaction exactly as the ending write left it."""
+    waiting, other = journals
+    now = datetime.now(UTC)
+    tx = Outcome(id=uuid.uuid4(), name="w", status=TxStatus.RUNNING, created_at=now)
+    waiters_for(waiting).watch(tx.id)
+    handle = CommitHandle(tx.id, waiting, watched=True)
+    tx = other.create(replace(tx, started_at=now))
+    with counting_statements(waiting, but_the_listener=True) as sent:
+        waiter = Waiting([handle], timeout=30)
+        time.sleep(0.3)
+        ended = end(other, tx)
+        (result,) = waiter.join()
+    assert result == ended
+    assert isinstance(result, Outcome)
+    assert result.version == ended.version
+    if waiting.engine.dialect.name == "postgresql":
+        assert sent == []
+    del handle, waiter  # the handle's watch ends with it
+    assert tx.id not in waiters_for(waiting)._watched
+
+
+@pytest.mark.postgres
+def test_a_transaction_too_large_to_notify_is_read_once_woken(postgres_url: str) -> None:
+    """A notification carries at most ~7.9 kB: a larger transaction (a step's large
+    result) is notified by its id, and its waiter reads it once woken."""
+    from tests.conftest import truncate_journal
+
+    truncate_journal(postgres_url)
+    waiting, other = Journal(postgres_url), Journal(postgres_url)
+    try:
+        now = datetime.now(UTC)
+        step = StepOutcome(
+            position=0, name="big", status=StepStatus.RUNNING, action={}, compensation={}
+        )
+        tx = other.create(
+            Outcome(
+                id=uuid.uuid4(),
+                name="w",
+                status=TxStatus.RUNNING,
+                steps=(step,),
+                created_at=now,
+                started_at=now,
+            )
+        )
+        waiters_for(waiting).watch(tx.id)
+        handle = CommitHandle(tx.id, waiting, watched=True)
+        with counting_statements(waiting, but_the_listener=True) as sent:
+            waiter = Waiting([handle], timeout=30)
+            large = "x" * 10_000
+            done = replace(step, status=StepStatus.DONE, result=large, finished_at=now)
+            ended = other.save(
+                tx,
+                replace(tx, status=TxStatus.COMMITTED, steps=(done,), finished_at=now),
+                durable=True,
+            )
+            (result,) = waiter.join()
+        assert result == ended
+        assert isinstance(result, Outcome)
+        assert result.steps[0].result == large
+        assert len(sent) == 1  # the read once woken
+    finally:
+        waiting.close()
+        other.close()
 
 
 def test_an_ended_transaction_is_returned_at_once(journals: tuple[Journal, Journal]) -> None:

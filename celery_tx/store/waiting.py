@@ -2,20 +2,26 @@
 
 Issue 13, decision 3: a handle's ``wait()`` must cost the journal nothing per
 poll. On PostgreSQL the write that makes a transaction final notifies
-``FINAL_CHANNEL`` with its id (a trigger, ``schema.notify_when_final``), and one
-listening connection per journal in this process wakes the waiters of that id.
-On SQLite, which has no notifications, one thread polls the statuses of all the
-waited transactions in one statement, instead of one loop per handle.
+``FINAL_CHANNEL`` with its id and the transaction as it ended (a trigger,
+``schema.notify_when_final``), and one listening connection per journal in
+this process hands it to the waiters of that id: no poll, and no read once
+woken. On SQLite, which has no notifications, one thread polls the statuses of
+all the waited transactions in one statement, instead of one loop per handle.
 
-The thread runs only while someone waits, and ends after ``_IDLE`` seconds with
-nobody waiting: an idle process holds no extra connection. A waiter registers
-before it reads the status once, and the listener reads the statuses of all
-registered ids each time it starts listening (connect, reconnect): so an end
-that happened before the listener heard it is never missed.
+A process *watches* a transaction (``watch``) for as long as something may wait
+for it: a commit watches before it journals the transaction, so the listener
+hears its end, and its handle needs no read at all; a handle made for a
+transaction that was already journaled reads it once when it starts waiting.
+The listener reads the statuses of every watched id each time it starts
+listening (connect, reconnect), so an end it could not hear is never missed.
+
+The thread runs only while something is watched, and ends after ``_IDLE``
+seconds with nothing watched: an idle process holds no extra connection.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,21 +35,33 @@ import sqlalchemy as sa
 from celery_tx.core.errors import TransactionNotFound
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
-from celery_tx.store import schema
+from celery_tx.store import rows, schema
 from celery_tx.store.engine import in_forked_children
 from celery_tx.store.journal import Journal
 
 logger = logging.getLogger("celery_tx.waiting")
 
 _IDLE = 5.0
-"""Seconds the thread stays with nobody waiting before it ends."""
+"""Seconds the thread stays with nothing watched before it ends."""
 _LISTEN_TICK = 0.5
-"""Seconds between the listener's checks that someone still waits."""
+"""Seconds between the listener's checks that something is still watched."""
 _FIRST_POLL = 0.005
 _MAX_POLL = 0.1
 _RECONNECT_PAUSE = 0.5
+_ID_LENGTH = 36  # a UUID's text: what a notification's payload starts with
 
 _FINAL = tuple(status.value for status in TxStatus if status.is_final)
+
+
+class _Watch:
+    """One watched transaction: how many watch it, and its end once heard."""
+
+    __slots__ = ("ended", "holders", "outcome")
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.outcome: Outcome | None = None  # None when ended but not carried (read it)
+        self.holders = 0
 
 
 class Waiters:
@@ -52,81 +70,100 @@ class Waiters:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self._lock = threading.Lock()
-        self._events: dict[uuid.UUID, set[threading.Event]] = {}
+        self._watched: dict[uuid.UUID, _Watch] = {}
         self._thread: threading.Thread | None = None
-        self._notified = journal.engine.dialect.name == "postgresql"
-        self._arrived = threading.Event()  # a new waiter: the poller starts fast again
+        self.notified = journal.engine.dialect.name == "postgresql"
+        """Whether the journal notifies the ends of transactions (PostgreSQL)."""
+        self._arrived = threading.Event()  # a new watch: the poller starts fast again
 
-    def wait_final(self, tx_id: uuid.UUID, timeout: float | None) -> Outcome | None:
-        """The transaction once it is final, or None when ``timeout`` seconds pass first.
-
-        One read if it is final already, two if it has to be waited for: every
-        check in between is the thread's. ``TransactionNotFound`` when the
-        journal has no such transaction.
-        """
-        event = threading.Event()
-        self._register(tx_id, event)
-        try:
-            tx = self.journal.load(tx_id)
-            if tx is None:
-                raise TransactionNotFound(f"no transaction {tx_id} in the journal")
-            if tx.is_final:
-                return tx
-            if not event.wait(timeout):
-                return None
-        finally:
-            self._unregister(tx_id, event)
-        return self.journal.get(tx_id)
-
-    def _register(self, tx_id: uuid.UUID, event: threading.Event) -> None:
+    def watch(self, tx_id: uuid.UUID) -> None:
+        """Hear the end of ``tx_id`` from now on, until as many ``unwatch``."""
         with self._lock:
-            self._events.setdefault(tx_id, set()).add(event)
+            watch = self._watched.get(tx_id)
+            if watch is None:
+                watch = self._watched[tx_id] = _Watch()
+            watch.holders += 1
             self._arrived.set()
             if self._thread is None:
-                target = self._listen if self._notified else self._poll
+                target = self._listen if self.notified else self._poll
                 self._thread = threading.Thread(
                     target=target, name="celery-tx waiters", daemon=True
                 )
                 self._thread.start()
 
-    def _unregister(self, tx_id: uuid.UUID, event: threading.Event) -> None:
+    def unwatch(self, tx_id: uuid.UUID) -> None:
+        """Undo one ``watch``."""
         with self._lock:
-            events = self._events.get(tx_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._events[tx_id]
+            watch = self._watched.get(tx_id)
+            if watch is not None:
+                watch.holders -= 1
+                if watch.holders <= 0:
+                    del self._watched[tx_id]
 
-    def _waited(self) -> list[uuid.UUID]:
-        with self._lock:
-            return list(self._events)
+    def wait_final(
+        self, tx_id: uuid.UUID, timeout: float | None, *, watched: bool = False
+    ) -> Outcome | None:
+        """The transaction once it is final, or None when ``timeout`` seconds pass first.
 
-    def _wake(self, tx_ids: Iterable[uuid.UUID]) -> None:
+        ``watched``: the caller watched it since before it was journaled, so its
+        end cannot have gone unheard: no read before waiting, and none after on
+        PostgreSQL when the notification carried the transaction. Otherwise one
+        read first (``TransactionNotFound`` when the journal has no such
+        transaction). Every check in between is the thread's.
+        """
+        if not watched:
+            self.watch(tx_id)
+        try:
+            with self._lock:
+                watch = self._watched[tx_id]
+            if not watched:
+                tx = self.journal.load(tx_id)
+                if tx is None:
+                    raise TransactionNotFound(f"no transaction {tx_id} in the journal")
+                if tx.is_final:
+                    return tx
+            if not watch.ended.wait(timeout):
+                return None
+            return watch.outcome or self.journal.get(tx_id)
+        finally:
+            if not watched:
+                self.unwatch(tx_id)
+
+    def _pending_ids(self) -> list[uuid.UUID]:
+        """The watched transactions whose end was not heard yet."""
         with self._lock:
-            for tx_id in tx_ids:
-                for event in self._events.get(tx_id, ()):
-                    event.set()
+            return [tx_id for tx_id, watch in self._watched.items() if not watch.ended.is_set()]
+
+    def _ended(self, tx_id: uuid.UUID, outcome: Outcome | None) -> None:
+        with self._lock:
+            watch = self._watched.get(tx_id)
+            if watch is not None and not watch.ended.is_set():
+                watch.outcome = outcome
+                watch.ended.set()
 
     def _idle_ended(
         self, idle_since: float | None, linger: float = _IDLE
     ) -> tuple[bool, float | None]:
-        """(whether the thread should end now, since when nobody waits): it ends once
-        nobody waited for ``linger`` seconds."""
+        """(whether the thread should end now, since when nothing is watched): it
+        ends once nothing was watched for ``linger`` seconds."""
         with self._lock:
-            if self._events:
+            if self._watched:
                 return False, None
             now = time.monotonic()
             if idle_since is None:
                 idle_since = now
             if now - idle_since < linger:
                 return False, idle_since
-            self._thread = None  # under the lock: a new waiter starts a new thread
+            self._thread = None  # under the lock: a new watch starts a new thread
             return True, idle_since
 
-    def _wake_final_among(self, tx_ids: list[uuid.UUID]) -> None:
-        """One read: the statuses of ``tx_ids``; wake the waiters of those that ended."""
-        if tx_ids:
-            self._wake(final_among(self.journal, tx_ids))
+    def _catch_up(self) -> None:
+        """One read: the statuses of the transactions not heard of; wake the
+        waiters of those that ended (they read the transaction)."""
+        pending = self._pending_ids()
+        if pending:
+            for tx_id in final_among(self.journal, pending):
+                self._ended(tx_id, None)
 
     # -- SQLite: one poller ----------------------------------------------------
 
@@ -137,9 +174,8 @@ class Waiters:
             if self._arrived.is_set():
                 self._arrived.clear()
                 pause = _FIRST_POLL
-                time.sleep(pause)  # the new waiter has just read the journal itself
             try:
-                self._wake_final_among(self._waited())
+                self._catch_up()
             except Exception:  # the journal briefly away: the next round reads again
                 logger.warning("could not read the waited transactions", exc_info=True)
             stop, idle_since = self._idle_ended(idle_since)
@@ -164,11 +200,10 @@ class Waiters:
             try:
                 if connection is not None:
                     failures = 0
-                    # Whatever ended before this connection listened: read once.
-                    self._wake_final_among(self._waited())
+                    self._catch_up()  # whatever ended before this connection listened
                 while connection is not None:
                     for notice in connection.notifies(timeout=_LISTEN_TICK):
-                        self._wake([uuid.UUID(notice.payload)])
+                        self._heard(notice.payload)
                     stop, idle_since = self._idle_ended(idle_since)
                     if stop:
                         return
@@ -177,11 +212,20 @@ class Waiters:
             finally:
                 if connection is not None:
                     connection.close()
-            # Not listening: nobody waiting is reason enough to end now.
+            # Not listening: nothing watched is reason enough to end now.
             stop, idle_since = self._idle_ended(idle_since, linger=0.0)
             if stop:
                 return
             time.sleep(_RECONNECT_PAUSE)
+
+    def _heard(self, payload: str) -> None:
+        """A notification: ``<id>`` or ``<id> <TX_JSON>``. Every process's listener
+        hears every transaction end; only a watched one's payload is parsed."""
+        tx_id = uuid.UUID(payload[:_ID_LENGTH])
+        with self._lock:
+            if tx_id not in self._watched:
+                return
+        self._ended(tx_id, _carried_outcome(payload[_ID_LENGTH + 1 :]))
 
     def _connect(self) -> Any:
         """A new autocommit psycopg connection listening on ``FINAL_CHANNEL``, made
@@ -193,10 +237,22 @@ class Waiters:
         return connection
 
 
-def final_among(journal: Journal, tx_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+def _carried_outcome(text: str) -> Outcome | None:
+    """The transaction a notification carried; None when it carried only the id
+    (too large to notify) or something unreadable: then the waiter reads it."""
+    if not text:
+        return None
+    try:
+        return rows.tx_from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+        logger.warning("unreadable notification of an ended transaction", exc_info=True)
+        return None
+
+
+def final_among(journal: Journal, tx_ids: Iterable[uuid.UUID]) -> list[uuid.UUID]:
     """The ids among ``tx_ids`` whose transactions are final, in one read."""
     table = schema.transactions
-    query = sa.select(table.c.id).where(table.c.id.in_(tx_ids), table.c.status.in_(_FINAL))
+    query = sa.select(table.c.id).where(table.c.id.in_(list(tx_ids)), table.c.status.in_(_FINAL))
     return journal.run(lambda conn: list(conn.execute(query).scalars()), write=False)
 
 

@@ -30,6 +30,7 @@ from celery_tx.drivers.celery_tasks import dispatch, messages
 from celery_tx.handles import CommitHandle
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
+from celery_tx.store.waiting import waiters_for
 
 logger = logging.getLogger("celery_tx.dispatch")
 
@@ -119,8 +120,18 @@ class CeleryDriver:
         # the chain cannot be sent, nothing has started and the rollback is
         # complete at once.
         started = tr.start_commit(tx, self.journal.clock())
-        # Durable: the workers' effects may begin as soon as the chain is sent.
-        started = self.journal.create(started, durable=True, before=tx)
+        # Where the journal notifies ends (PostgreSQL), its end is heard from
+        # before it can happen: the handle then waits without reading.
+        waiters = waiters_for(self.journal)
+        if waiters.notified:
+            waiters.watch(tx.id)
+        try:
+            # Durable: the workers' effects may begin as soon as the chain is sent.
+            started = self.journal.create(started, durable=True, before=tx)
+        except BaseException:
+            if waiters.notified:
+                waiters.unwatch(tx.id)
+            raise
         with self._lock:
             self._signatures[started.id] = signatures
         return started
@@ -129,6 +140,10 @@ class CeleryDriver:
         """Send the chain of actions of a transaction ``start`` journaled."""
         with self._lock:
             signatures = self._signatures.pop(tx.id, None)
+        # Started here: it is watched (where ends are notified), and the handle
+        # takes over that watch.
+        watched = signatures is not None and waiters_for(self.journal).notified
+        handle = CommitHandle(tx.id, self.journal, watched=watched)
         if tx.status is TxStatus.RUNNING:
             app = self._app_for(tx)
             if signatures is None:
@@ -138,7 +153,7 @@ class CeleryDriver:
             except Exception as exc:
                 self._unsent(tx, exc)
             logger.info("transaction committing", extra=tx_extra(tx.id))
-        return CommitHandle(tx.id, self.journal)
+        return handle
 
     def _app_for(self, tx: Outcome) -> Any:
         if self.app is None:
