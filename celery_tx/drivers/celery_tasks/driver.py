@@ -84,12 +84,15 @@ class CeleryDriver:
                 "commit_function is a plain callable but rollback_function a Celery "
                 "signature; a participant is two participant tasks or two callables"
             )
-        action = messages.describe(commit_function, role="action", what="commit_function")
-        compensation = (
-            messages.paired_compensation(action, "commit_function")
-            if rollback_function is None
-            else messages.describe(rollback_function, role="compensation", what="rollback_function")
-        )
+        if rollback_function is None:
+            action, compensation = messages.describe_with_paired_compensation(
+                commit_function, "commit_function"
+            )
+        else:
+            action = messages.describe(commit_function, role="action", what="commit_function")
+            compensation = messages.describe(
+                rollback_function, role="compensation", what="rollback_function"
+            )
         step = StepOutcome(
             position=0,
             name=service_name,

@@ -10,7 +10,6 @@ derived from them.
 
 from __future__ import annotations
 
-import inspect
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +82,36 @@ class Carried:
 
 def describe(signature: object, *, role: registry.Role, what: str) -> dict[str, Any]:
     """The journal form of ``signature``; refuses anything the driver could not run."""
+    call, spec = _participant(signature, role, what)
+    return encode_call(spec, tuple(call.args), dict(call.kwargs), call.options, what)
+
+
+def describe_with_paired_compensation(
+    signature: object, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The journal forms of the action ``signature`` and of its declared
+    compensation, called with the same arguments (encoded once)."""
+    call, spec = _participant(signature, "action", what)
+    compensation = registry.lookup(spec.compensation, "compensation") if spec.compensation else None
+    if compensation is None:
+        raise InvalidParticipant(
+            f"{what}: participant {spec.name!r} has no compensation; declare one "
+            "with @<task>.compensation or pass rollback_function"
+        )
+    args, kwargs = tuple(call.args), dict(call.kwargs)
+    action = encode_call(spec, args, kwargs, call.options, what)
+    _check_arguments(compensation, args, kwargs, what)
+    paired = {**action, "task": compensation.name}
+    if "options" in action:
+        paired["options"] = dict(action["options"])
+    return action, paired
+
+
+def _participant(
+    signature: object, role: registry.Role, what: str
+) -> tuple[Signature, registry.ParticipantSpec]:
+    """``signature`` and the participant it calls; ``InvalidParticipant`` unless
+    it is the signature of one declared ``role`` task."""
     if not isinstance(signature, Signature) or type(signature) is not Signature:
         raise InvalidParticipant(
             f"{what} must be the signature of one participant task (task.s(...)), got {signature!r}"
@@ -93,21 +122,7 @@ def describe(signature: object, *, role: registry.Role, what: str) -> dict[str, 
             f"{what} {signature.task!r} is not a celery-tx {role} task; declare it with "
             + ("@participant" if role == "action" else "@<action>.compensation")
         )
-    return encode_call(spec, tuple(signature.args), dict(signature.kwargs), signature.options, what)
-
-
-def paired_compensation(action: dict[str, Any], what: str) -> dict[str, Any]:
-    """The journal form of ``action``'s declared compensation, called with its arguments."""
-    spec = registry.lookup(action["task"], "action")
-    name = spec.compensation if spec is not None else None
-    compensation = registry.lookup(name, "compensation") if name else None
-    if compensation is None:
-        raise InvalidParticipant(
-            f"{what}: participant {action['task']!r} has no compensation; declare one "
-            "with @<task>.compensation or pass rollback_function"
-        )
-    args, kwargs = decode_arguments(action)
-    return encode_call(compensation, args, kwargs, action.get("options", {}), what)
+    return signature, spec
 
 
 def encode_call(
@@ -127,12 +142,7 @@ def encode_call(
             f"{what}: signature options {unknown} are not supported in a transaction "
             f"(allowed: {sorted(_ALLOWED_OPTIONS)})"
         )
-    try:
-        inspect.signature(spec.function).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InvalidArgument(f"{what}: arguments do not fit {spec.name}: {exc}") from exc
-    except ValueError:  # a builtin without a signature: Celery will tell
-        pass
+    _check_arguments(spec, args, kwargs, what)
     try:
         payload = _dumps([list(args), kwargs])
     except (TypeError, ValueError, OverflowError) as exc:
@@ -151,6 +161,19 @@ def encode_call(
             raise InvalidArgument(f"{what}: options cannot be sent as JSON: {exc}") from exc
         description["options"] = dict(options)
     return description
+
+
+def _check_arguments(
+    spec: registry.ParticipantSpec, args: tuple[Any, ...], kwargs: dict[str, Any], what: str
+) -> None:
+    """``InvalidArgument`` unless the function takes these arguments."""
+    signature = registry.signature_of(spec)
+    if signature is None:  # a builtin without a signature: Celery will tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgument(f"{what}: arguments do not fit {spec.name}: {exc}") from exc
 
 
 def decode_arguments(description: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -8,9 +8,11 @@ here, whatever a journal row or a broker message says.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 from celery_tx.core.errors import InvalidParticipant
@@ -71,6 +73,20 @@ def lookup(name: str, role: Role) -> ParticipantSpec | None:
     """The participant task called ``name`` in ``role``, or None when there is none."""
     spec = _specs.get(name)
     return spec if spec is not None and spec.role == role else None
+
+
+def signature_of(spec: ParticipantSpec) -> inspect.Signature | None:
+    """The participant function's signature (None for a builtin without one),
+    worked out once per function: every registration checks its arguments."""
+    return _signature(spec.function)
+
+
+@cache
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except ValueError:
+        return None
 
 
 def _origin(function: Callable[..., Any]) -> str:
