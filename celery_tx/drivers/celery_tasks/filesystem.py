@@ -10,9 +10,10 @@ where a move is a copy that two consumers can both make.
 This transport writes each message under a temporary name and renames it into
 place, so a consumer only ever sees whole messages; and it claims a message by
 renaming it into the processed folder, on the same file system, so exactly one
-consumer gets it. Use it with ``broker_transport =
-"celery_tx.drivers.celery_tasks.filesystem:Transport"`` (the project's
-``celeryconfig.py`` does, for the embedded default).
+consumer gets it. A message put back (its worker died before acknowledging it)
+says it was redelivered where Celery reads it, as on Redis and RabbitMQ. Use
+it with ``broker_transport = "celery_tx.drivers.celery_tasks.filesystem:Transport"``
+(the project's ``celeryconfig.py`` does, for the embedded default).
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ class Channel(filesystem.Channel):
                 raise ChannelError(f"Cannot read file {claimed!r}") from exc
             return loads(payload)  # type: ignore[no-untyped-call]
         raise Empty()
+
+    def _restore(self, message: Any) -> None:
+        # kombu's virtual Channel._restore (kombu 5.7, transport/virtual/base.py)
+        # marks the payload ``redelivered`` at its top level, which its Message
+        # never reads: the worker would see a first delivery. Redis's transport
+        # marks delivery_info, where Celery's request (and the step's attempt
+        # count) reads it; so does this.
+        delivery_info = message.delivery_info
+        payload = message.serializable()
+        payload["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+        payload.setdefault("headers", {})["redelivered"] = True
+        lookup: Any = self._lookup  # untyped in kombu
+        for queue in lookup(delivery_info["exchange"], delivery_info["routing_key"]):
+            self._put(queue, payload)
 
 
 class Transport(filesystem.Transport):
