@@ -117,12 +117,8 @@ class Journal:
         """The journaled transaction, or None when there is no such id."""
 
         if self._one_statement:
-
-            def one(conn: Connection) -> Outcome | None:
-                document = conn.exec_driver_sql(postgres.LOAD, {"id": tx_id}).scalar()
-                return None if document is None else rows.tx_from_json(document)
-
-            return self._run(one, write=False)
+            document = self._scalar(postgres.LOAD, {"id": tx_id}, write=False)
+            return None if document is None else rows.tx_from_json(document)
 
         def statements(conn: Connection) -> Outcome | None:
             return _outcome(conn.execute(sql.LOAD, {"tx_id": tx_id}).mappings().all())
@@ -180,11 +176,9 @@ class Journal:
     def _insert(self, tx: Outcome, *, durable: bool) -> None:
         updated_at = self.clock()
         if self._one_statement:
-
-            def one(conn: Connection) -> None:
-                conn.exec_driver_sql(postgres.CREATE, postgres.create_parameters(tx, updated_at))
-
-            return self._run(one, write=True, durable=durable, single=True)
+            parameters = postgres.create_parameters(tx, updated_at)
+            self._scalar(postgres.CREATE, parameters, write=True, durable=durable)
+            return None
 
         def statements(conn: Connection) -> None:
             if durable:
@@ -246,11 +240,6 @@ class Journal:
         observers are told the write that landed."""
         now = self.clock()
 
-        def one(conn: Connection) -> Outcome | None:
-            parameters = postgres.step_on_parameters(values, now)
-            document = conn.exec_driver_sql(one_statement, parameters).scalar()
-            return None if document is None else rows.tx_from_json(document)
-
         def statements(conn: Connection) -> Outcome | None:
             parameters = {f"b_{key}": value for key, value in values.items()}
             parameters["now"] = now
@@ -259,13 +248,15 @@ class Journal:
                     raise _NotMatched  # rolls back what the earlier statements wrote
             return _outcome(conn.execute(sql.LOAD, {"tx_id": values["id"]}).mappings().all())
 
-        try:
-            if self._one_statement:
-                after = self._run(one, write=True, single=True)
-            else:
+        if self._one_statement:
+            parameters = postgres.step_on_parameters(values, now)
+            document = self._scalar(one_statement, parameters, write=True)
+            after = None if document is None else rows.tx_from_json(document)
+        else:
+            try:
                 after = self._run(statements, write=True)
-        except _NotMatched:
-            return None
+            except _NotMatched:
+                return None
         if after is not None:
             previous = values.get("previous")
             tell(Write(_before_start(after, values["position"], previous), after, None))
@@ -341,13 +332,9 @@ class Journal:
         BEGIN, 2-3 statements and COMMIT."""
         statement = postgres.save(tuple(changes), bool(changed), bool(added))
         values = postgres.save_parameters(after.id, version, changes, changed, added)
-
-        def statements(conn: Connection) -> Outcome:
-            if conn.exec_driver_sql(statement, values).scalar() != 1:
-                raise JournalConflict(f"transaction {after.id} changed since version {version}")
-            return replace(after, version=version + 1)
-
-        return self._run(statements, write=True, durable=durable, single=True)
+        if self._scalar(statement, values, write=True, durable=durable) != 1:
+            raise JournalConflict(f"transaction {after.id} changed since version {version}")
+        return replace(after, version=version + 1)
 
     def apply(
         self,
@@ -453,6 +440,31 @@ class Journal:
         return self._patiently(
             lambda _: self._transaction(statements, write=False, durable=False, single=single)
         )
+
+    def _scalar(
+        self, statement: str, parameters: dict[str, Any], *, write: bool, durable: bool = False
+    ) -> Any:
+        """PostgreSQL: one statement (``celery_tx.store.postgres``), its own
+        transaction; the first column of its first row. Reads are retried as in
+        ``_run``; a write is not (``apply`` knows whether a lost one landed)."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        engine = self.pools.for_work(write=write, durable=durable, single=True)
+        if postgres.instrumented(engine):
+
+            def first(conn: Connection) -> Any:
+                result = conn.exec_driver_sql(statement, parameters)
+                return result.scalar() if result.returns_rows else None
+
+            def send(retried: bool) -> Any:
+                return self._transaction(first, write=write, durable=durable, single=True)
+
+        else:
+
+            def send(retried: bool) -> Any:
+                return postgres.send(engine, statement, parameters)
+
+        return send(False) if write else self._patiently(send)
 
     def _patiently(self, attempt: Callable[[bool], _T], *, warn: bool = False) -> _T:
         """``attempt(retried)``, tried again with growing pauses while the database is

@@ -12,8 +12,10 @@ which SQLAlchemy's rendering of the same statements (every column listed, a
 parameter per column per step) exceeds; and one JSON column decodes faster
 than a row of every column per step.
 
-SQLite, whose statements are local calls, keeps the SQLAlchemy-built
-statements of ``celery_tx.store.statements``.
+They are sent by ``send``, straight through a pooled driver connection, not
+through SQLAlchemy's ``Connection``, whose machinery around each statement costs
+more Python than the statement's own round trip. SQLite, whose statements are
+local calls, keeps the SQLAlchemy-built statements of ``celery_tx.store.statements``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
 
+from celery_tx.core.errors import JournalConflict, JournalUnavailable
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.store import rows, schema
 
@@ -219,3 +222,45 @@ def _instant(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC)
     return value.value if isinstance(value, Enum) else value
+
+
+def instrumented(engine: sa.Engine) -> bool:
+    """Whether something listens to ``engine``'s statements or commits (the counts
+    of the tests and benchmarks): then statements must go through SQLAlchemy's
+    ``Connection``, which tells the listeners, not through ``send``."""
+    dispatch = engine.dispatch
+    return bool(
+        dispatch.before_cursor_execute or dispatch.after_cursor_execute or dispatch.commit
+    )
+
+
+def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
+    """Run one statement on a connection of ``engine``'s pool (autocommit: the
+    statement is its own transaction) and return the first column of its first
+    row, or None; its errors translated as ``Journal`` translates them."""
+    dbapi = engine.dialect.loaded_dbapi
+    try:
+        connection = engine.raw_connection()
+    except sa.exc.DBAPIError as exc:  # the pool wraps a failed connect
+        raise JournalUnavailable(
+            f"the journal database is unavailable: {exc.orig}", transient=True
+        ) from exc
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement, parameters)
+            row = cursor.fetchone() if cursor.description else None
+        finally:
+            cursor.close()
+    except dbapi.IntegrityError as exc:  # a unique key: the race the version guards
+        raise JournalConflict(str(exc)) from exc
+    except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+        connection.invalidate()  # a lost connection must not go back to the pool
+        raise JournalUnavailable(
+            f"the journal database is unavailable: {exc}", transient=True
+        ) from exc
+    except dbapi.Error as exc:
+        raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
+    finally:
+        connection.close()  # back to the pool (autocommit: nothing to reset)
+    return None if row is None else row[0]
