@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.outcome import Outcome, StepOutcome, evolve
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
 from celery_tx.handles import CommitHandle
@@ -145,7 +145,7 @@ class Drivers:
                     f"transaction {tx.id} holds {holds}; "
                     "one transaction cannot mix callables and Celery signatures"
                 )
-            return replace(tr.add_step(tx, registration.step), driver=registration.kind)
+            return evolve(tr.add_step(tx, registration.step), driver=registration.kind)
 
         return event
 

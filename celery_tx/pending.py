@@ -22,14 +22,14 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import TransactionNotFound, TransactionStateError
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, evolve
 from celery_tx.core.status import TxStatus
 from celery_tx.store import Journal
 from celery_tx.store.engine import in_forked_children, is_memory_sqlite
@@ -150,7 +150,7 @@ class PendingTransactions:
             )
         if entry.ending is not None:
             status = TxStatus.RUNNING if entry.ending == "commit" else TxStatus.ROLLED_BACK
-            tr.require_pending(replace(entry.tx, status=status), action)
+            tr.require_pending(evolve(entry.tx, status=status), action)
         return entry
 
 

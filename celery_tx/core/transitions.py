@@ -8,12 +8,11 @@ or more of them, then ask the store to write the difference with compare-and-set
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from celery_tx.core.errors import DuplicateParticipant, TransactionStateError
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.outcome import Outcome, StepOutcome, evolve
 from celery_tx.core.status import StepStatus as S
 from celery_tx.core.status import TxStatus as T
 
@@ -48,7 +47,7 @@ def _move(tx: Outcome, target: T, **changes: Any) -> Outcome:
         raise TransactionStateError(
             f"transaction {tx.id} is {tx.status}, it cannot become {target}", status=tx.status
         )
-    return replace(tx, status=target, **changes)
+    return evolve(tx, status=target, **changes)
 
 
 def _move_step(tx: Outcome, position: int, target: S, **changes: Any) -> Outcome:
@@ -60,8 +59,8 @@ def _move_step(tx: Outcome, position: int, target: S, **changes: Any) -> Outcome
             status=tx.status,
         )
     steps = list(tx.steps)
-    steps[position] = replace(step, status=target, **changes)
-    return replace(tx, steps=tuple(steps))
+    steps[position] = evolve(step, status=target, **changes)
+    return evolve(tx, steps=tuple(steps))
 
 
 # -- registering -------------------------------------------------------------
@@ -87,7 +86,7 @@ def add_step(tx: Outcome, step: StepOutcome) -> Outcome:
         raise DuplicateParticipant(
             f"transaction {tx.id} already has a participant named {step.name!r}"
         )
-    return replace(tx, steps=(*tx.steps, replace(step, position=len(tx.steps))))
+    return evolve(tx, steps=(*tx.steps, evolve(step, position=len(tx.steps))))
 
 
 # -- running forward ---------------------------------------------------------
@@ -152,8 +151,8 @@ def record_late_result(tx: Outcome, position: int, result: Any) -> Outcome:
             status=tx.status,
         )
     steps = list(tx.steps)
-    steps[position] = replace(step, result=result)
-    return replace(tx, steps=tuple(steps))
+    steps[position] = evolve(step, result=result)
+    return evolve(tx, steps=tuple(steps))
 
 
 def fail_action(tx: Outcome, position: int, error: str, now: datetime) -> Outcome:
