@@ -9,9 +9,11 @@ recovery after a crash. Lambdas, closures and bound methods are journaled by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +81,24 @@ def _unwrap_partial(function: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]
 
 
 def _import_path(function: Any) -> str | None:
-    """``module:qualname`` when importing that yields ``function`` itself."""
+    """``module:qualname`` when importing that yields ``function`` itself.
+
+    Worked out once per function object (while it lives): a participant is
+    registered again with every transaction."""
+    try:
+        return _IMPORT_PATHS[function]
+    except (KeyError, TypeError):  # not known yet, or not weakly referable
+        pass
+    ref = _find_import_path(function)
+    with contextlib.suppress(TypeError):
+        _IMPORT_PATHS[function] = ref
+    return ref
+
+
+_IMPORT_PATHS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+
+
+def _find_import_path(function: Any) -> str | None:
     module = getattr(function, "__module__", None)
     qualname = getattr(function, "__qualname__", None)
     if not module or not qualname or "<" in qualname:  # "<lambda>", "<locals>"
@@ -99,6 +118,8 @@ def _survives_json(value: Any) -> bool:
     Tuples (lists after JSON), non-string keys and NaN would all come back
     changed, and the function would then be called with other arguments.
     """
+    if not value:
+        return True  # no arguments: nothing to change
     try:
         return bool(json.loads(json.dumps(value, allow_nan=False)) == value)
     except (TypeError, ValueError, RecursionError):
