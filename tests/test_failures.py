@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -355,32 +357,56 @@ def test_a_commit_whose_acknowledgement_was_lost_is_not_applied_twice(
         for name in ("a", "b", "c"):
             coordinator.register_participant(tx_id, name, *recorder.participant(name))
         journal = coordinator._journal
-        # Both engines on PostgreSQL: single statements commit on the autocommit one.
-        dialects = [e.dialect for e in journal.engines]
         commits = [0]
-
-        def dropping(dialect: Any) -> Any:
-            real_commit = dialect.do_commit
-
-            def commit_then_drop(dbapi_connection: Any) -> None:
-                real_commit(dbapi_connection)
-                commits[0] += 1
-                if commits[0] == lost:
-                    raise dialect.loaded_dbapi.OperationalError("connection lost (simulated)")
-
-            return commit_then_drop
-
-        for dialect in dialects:
-            dialect.do_commit = dropping(dialect)
-        try:
+        with _acknowledgement_lost(journal, lost, commits):
             outcome = coordinator.commit_transaction(tx_id)
-        finally:
-            for dialect in dialects:
-                del dialect.do_commit  # the class's own method again
         assert commits[0] >= lost
         assert outcome.status is TxStatus.COMMITTED
         assert recorder.calls == [("a", "commit"), ("b", "commit"), ("c", "commit")]
         assert coordinator.get_transaction(tx_id) == outcome
+
+
+@contextmanager
+def _acknowledgement_lost(journal: Any, lost: int, commits: list[int]) -> Iterator[None]:
+    """The ``lost``-th commit of the journal lands, then its connection drops.
+
+    SQLite's writes commit through the dialect's ``do_commit``; PostgreSQL's are
+    single statements in autocommit mode, each its own commit, sent through a
+    psycopg cursor: the drop comes once the statement ran, before its result.
+    """
+    dialect = journal.engine.dialect
+    if dialect.name == "sqlite":
+        real_commit = dialect.do_commit
+
+        def commit_then_drop(dbapi_connection: Any) -> None:
+            real_commit(dbapi_connection)
+            commits[0] += 1
+            if commits[0] == lost:
+                raise dialect.loaded_dbapi.OperationalError("connection lost (simulated)")
+
+        dialect.do_commit = commit_then_drop
+        try:
+            yield
+        finally:
+            del dialect.do_commit  # the class's own method again
+        return
+    import psycopg
+
+    real_execute = psycopg.Cursor.execute
+
+    def execute_then_drop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(self, *args, **kwargs)
+        if self.connection.autocommit and args and not str(args[0]).startswith("SELECT"):
+            commits[0] += 1
+            if commits[0] == lost:
+                raise psycopg.OperationalError("connection lost (simulated)")
+        return result
+
+    psycopg.Cursor.execute = execute_then_drop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        psycopg.Cursor.execute = real_execute  # type: ignore[method-assign]
 
 
 def test_errors_with_lone_surrogates_are_journaled(coordinator: TransactionCoordinator) -> None:

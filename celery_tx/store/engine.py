@@ -10,9 +10,9 @@ Durability is chosen per write transaction (see ``celery_tx.store.journal``):
   in their execution options (``WRITE``, ``DURABLE``); ``prepare_begin`` hands
   that to the dialect's BEGIN, which this module replaces.
 - PostgreSQL connections default to ``synchronous_commit=off`` (the server has
-  the commit, the WAL flush is deferred); a durable write says
-  ``SET LOCAL synchronous_commit = on``, and its flush covers every earlier
-  commit too, because the WAL is flushed in order.
+  the commit, the WAL flush is deferred); a durable write goes to a pool whose
+  sessions commit with ``synchronous_commit=on``, and its flush covers every
+  earlier commit too, because the WAL is flushed in order.
 """
 
 from __future__ import annotations
@@ -229,7 +229,10 @@ def prepare_begin(conn: Connection) -> None:
             conn.connection.info[_BEGIN_MODE] = _BEGIN_DURABLE_WRITE if durable else _BEGIN_WRITE
 
 
-def make_durable(conn: Connection) -> None:
-    """Inside a PostgreSQL write: flush this commit (and all before it) to disk."""
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
+def instrumented(engine: Engine) -> bool:
+    """Whether something listens to ``engine``'s statements or commits (the counts
+    of the tests and benchmarks): then the journal sends its statements through
+    SQLAlchemy's ``Connection``, which tells the listeners, not straight through
+    the driver (``postgres.send``, ``sqlite.write``)."""
+    dispatch = engine.dispatch
+    return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute or dispatch.commit)

@@ -26,7 +26,6 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -35,15 +34,15 @@ from sqlalchemy.engine import URL, Connection, Engine
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.outcome import Outcome, StepOutcome, evolve
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.store import postgres, rows, schema
+from celery_tx.store import postgres, rows, schema, sqlite
 from celery_tx.store import statements as sql
 from celery_tx.store.engine import (
     Pools,
     in_forked_children,
+    instrumented,
     is_memory_sqlite,
-    make_durable,
     prepare_begin,
     resolve_database_url,
 )
@@ -180,9 +179,7 @@ class Journal:
             self._scalar(postgres.CREATE, parameters, write=True, durable=durable)
             return None
 
-        def statements(conn: Connection) -> None:
-            if durable:
-                make_durable(conn)
+        def statements(conn: sql.Executor) -> None:
             row = {**rows.tx_to_row(tx), "updated_at": updated_at}
             self._prepared.execute(conn, sql.INSERT_TX, row)
             if tx.steps:
@@ -190,7 +187,7 @@ class Journal:
                     conn, sql.INSERT_STEPS, [rows.step_to_row(tx.id, s) for s in tx.steps]
                 )
 
-        return self._run(statements, write=True, durable=durable)
+        return self._write(statements, durable=durable)
 
     def step_on(
         self,
@@ -298,9 +295,7 @@ class Journal:
             )
         cas = {"b_id": before.id, "b_version": before.version, "version": version, **changes}
 
-        def statements(conn: Connection) -> Outcome:
-            if durable:
-                make_durable(conn)
+        def statements(conn: sql.Executor) -> Outcome:
             if self._prepared.execute(conn, sql.CAS_TX, cas).rowcount != 1:
                 raise JournalConflict(
                     f"transaction {before.id} changed since version {before.version}"
@@ -313,9 +308,9 @@ class Journal:
                 self._prepared.execute(
                     conn, sql.UPDATE_STEP, [rows.step_update_row(after.id, s) for s in changed]
                 )
-            return replace(after, version=version)
+            return evolve(after, version=version)
 
-        return self._run(statements, write=True, durable=durable)
+        return self._write(statements, durable=durable)
 
     def _save_in_one_statement(
         self,
@@ -334,7 +329,7 @@ class Journal:
         values = postgres.save_parameters(after.id, version, changes, changed, added)
         if self._scalar(statement, values, write=True, durable=durable) != 1:
             raise JournalConflict(f"transaction {after.id} changed since version {version}")
-        return replace(after, version=version + 1)
+        return evolve(after, version=version + 1)
 
     def apply(
         self,
@@ -450,7 +445,7 @@ class Journal:
         if not self._schema_ready:
             self._ensure_schema()
         engine = self.pools.for_work(write=write, durable=durable, single=True)
-        if postgres.instrumented(engine):
+        if instrumented(engine):
 
             def first(conn: Connection) -> Any:
                 result = conn.exec_driver_sql(statement, parameters)
@@ -465,6 +460,17 @@ class Journal:
                 return postgres.send(engine, statement, parameters)
 
         return send(False) if write else self._patiently(send)
+
+    def _write(self, statements: Callable[[sql.Executor], _T], *, durable: bool) -> _T:
+        """SQLite: ``statements`` in one write transaction (``celery_tx.store.sqlite``),
+        not retried (``apply`` knows whether a lost one landed)."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        engine = self.pools.for_work(write=True, durable=durable, single=False)
+        if instrumented(engine):
+            return self._transaction(statements, write=True, durable=durable)
+        with self._serial, self._writers:
+            return sqlite.write(engine, statements, durable=durable)
 
     def _patiently(self, attempt: Callable[[bool], _T], *, warn: bool = False) -> _T:
         """``attempt(retried)``, tried again with growing pauses while the database is
@@ -542,13 +548,13 @@ def _before_start(after: Outcome, position: int, previous: int | None) -> Outcom
     ``position`` PENDING, the one at ``previous`` RUNNING without its result."""
     steps = list(after.steps)
     started = steps[position]
-    steps[position] = replace(
+    steps[position] = evolve(
         started, status=StepStatus.PENDING, attempts=started.attempts - 1, started_at=None
     )
     if previous is not None:
         done = steps[previous]
-        steps[previous] = replace(done, status=StepStatus.RUNNING, result=None, finished_at=None)
-    return replace(after, steps=tuple(steps), version=after.version - 1)
+        steps[previous] = evolve(done, status=StepStatus.RUNNING, result=None, finished_at=None)
+    return evolve(after, steps=tuple(steps), version=after.version - 1)
 
 
 # A lock held by another thread when the process forks (a worker's sweeper

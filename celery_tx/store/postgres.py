@@ -224,16 +224,6 @@ def _instant(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def instrumented(engine: sa.Engine) -> bool:
-    """Whether something listens to ``engine``'s statements or commits (the counts
-    of the tests and benchmarks): then statements must go through SQLAlchemy's
-    ``Connection``, which tells the listeners, not through ``send``."""
-    dispatch = engine.dispatch
-    return bool(
-        dispatch.before_cursor_execute or dispatch.after_cursor_execute or dispatch.commit
-    )
-
-
 def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
     """Run one statement on a connection of ``engine``'s pool (autocommit: the
     statement is its own transaction) and return the first column of its first

@@ -11,10 +11,10 @@ PostgreSQL's writes and its one-transaction read are written by hand in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from celery_tx.store import schema
@@ -86,6 +86,14 @@ class Prepared:
         return {n: v if (p := processors.get(n)) is None else p(v) for n, v in values.items()}
 
 
+class Executor(Protocol):
+    """Where a prepared write runs: SQLAlchemy's ``Connection``, or a driver
+    connection (``celery_tx.store.sqlite.Driver``)."""
+
+    def exec_driver_sql(self, statement: str, parameters: Any) -> Any:
+        """Run ``statement`` with the driver's parameters (a list: once for each)."""
+
+
 class PreparedWrites:
     """The journal's write statements, each compiled once for one dialect."""
 
@@ -102,10 +110,10 @@ class PreparedWrites:
 
     def execute(
         self,
-        conn: Connection,
+        conn: Executor,
         statement: sa.ClauseElement,
         values: dict[str, Any] | list[dict[str, Any]],
-    ) -> sa.CursorResult[Any]:
+    ) -> Any:
         """Run a write statement with one set of values, or many (executemany)."""
         first = values[0] if isinstance(values, list) else values
         prepared = self._get(statement, tuple(first))

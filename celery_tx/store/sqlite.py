@@ -1,0 +1,78 @@
+"""SQLite's journal writes, sent straight through the driver.
+
+A write is one SQLite transaction, begun ``IMMEDIATE`` (the writer's lock taken
+at once, so two writers never deadlock upgrading a read lock) after setting
+``synchronous`` as the write's durability asks (``FULL`` flushes it, ``NORMAL``
+does not; SQLite refuses the change inside a transaction), as
+``engine._sqlite_begin`` begins the transactions of SQLAlchemy's ``Connection``.
+It runs on a pooled driver connection: SQLAlchemy's ``Connection`` machinery
+around a transaction (connect, begin, execution context, commit, close) cost more
+than the journal's statements themselves, which are local calls on SQLite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from celery_tx.core.errors import JournalConflict, JournalUnavailable
+
+_T = TypeVar("_T")
+
+
+class Driver:
+    """What the journal's statements run on (``statements.Executor``): a driver
+    connection, each statement sent as is with the driver's parameters."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def exec_driver_sql(self, statement: str, parameters: Any) -> sqlite3.Cursor:
+        """Run ``statement`` once, or once per parameter set of a list."""
+        if isinstance(parameters, list):
+            return self.connection.executemany(statement, parameters)
+        return self.connection.execute(statement, parameters)
+
+
+def write(engine: sa.Engine, statements: Callable[[Driver], _T], *, durable: bool) -> _T:
+    """``statements`` in one write transaction on a connection of ``engine``'s
+    pool, flushed when ``durable``; its errors translated as ``Journal``
+    translates them, and nothing of it kept when it fails."""
+    try:
+        pooled = engine.raw_connection()
+    except sa.exc.DBAPIError as exc:  # the pool wraps a failed connect
+        raise JournalUnavailable(
+            f"the journal database is unavailable: {exc.orig}", transient=True
+        ) from exc
+    try:
+        connection = pooled.driver_connection
+        assert isinstance(connection, sqlite3.Connection)
+        synchronous = "FULL" if durable else "NORMAL"
+        if pooled.info.get("synchronous") != synchronous:  # shared with _sqlite_begin
+            connection.execute(f"PRAGMA synchronous = {synchronous}")
+            pooled.info["synchronous"] = synchronous
+        connection.execute("BEGIN IMMEDIATE")
+        dialect = engine.dialect
+        try:
+            result = statements(Driver(connection))
+            dialect.do_commit(connection)  # as SQLAlchemy commits: its hook, its way
+        except BaseException:
+            if connection.in_transaction:
+                dialect.do_rollback(connection)
+            raise
+        return result
+    except sqlite3.IntegrityError as exc:  # a unique key: the race the version guards
+        raise JournalConflict(str(exc)) from exc
+    except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk, I/O
+        raise JournalUnavailable(
+            f"the journal database is unavailable: {exc}", transient=True
+        ) from exc
+    except sqlite3.Error as exc:
+        raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
+    finally:
+        pooled.close()  # back to the pool
