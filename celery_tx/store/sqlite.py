@@ -60,10 +60,10 @@ def write(engine: sa.Engine, statements: Callable[[Driver], _T], *, durable: boo
         dialect = engine.dialect
         try:
             result = statements(Driver(connection))
-            dialect.do_commit(connection)  # as SQLAlchemy commits: its hook, its way
+            dialect.do_commit(pooled)  # as SQLAlchemy commits: its hook, its way
         except BaseException:
             if connection.in_transaction:
-                dialect.do_rollback(connection)
+                dialect.do_rollback(pooled)
             raise
         return result
     except sqlite3.IntegrityError as exc:  # a unique key: the race the version guards
