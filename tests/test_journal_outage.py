@@ -6,18 +6,22 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from celery_tx import JournalUnavailable, TransactionCoordinator, TxStatus
+from celery_tx.core.outcome import Outcome
 from tests.apps import tasks
 from tests.participants import Recorder
 from tests.stacks import filesystem_sender
 
 PG = ("127.0.0.1", 5432)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class Outage:
@@ -126,3 +130,40 @@ def test_a_database_down_at_a_celery_commit_sends_nothing(outage, tmp_path: Path
         coordinator.commit_transaction_async(tx_id)  # repeatable once it is back
         assert len(list(queue.iterdir())) == 1
         assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING
+
+
+@pytest.mark.parametrize("through", ["the driver", "SQLAlchemy"])
+def test_a_database_gone_is_a_journal_outage_on_every_path(outage, through: str) -> None:
+    """With the server gone (pooled connections reset, new ones refused), reads and
+    writes raise JournalUnavailable once their patience runs out, whether they go
+    straight through the driver or, instrumented, through SQLAlchemy; and they work
+    again once it is back."""
+    from celery_tx.store import Journal
+
+    proxy, url = outage
+    journal = Journal(url, patience=0.5)
+    listening = through == "SQLAlchemy"
+
+    def counted(*_: object) -> None:
+        """A statement listener: the journal then sends through SQLAlchemy."""
+
+    try:
+        assert journal.load(uuid.uuid4()) is None  # the schema, and pooled connections
+        if listening:
+            for engine in journal.engines:
+                sa.event.listen(engine, "before_cursor_execute", counted)
+        tx = Outcome(id=uuid.uuid4(), name="o", status=TxStatus.RUNNING, created_at=NOW)
+        proxy.down()
+        with pytest.raises(JournalUnavailable, match="unavailable") as raised:
+            journal.load(tx.id)
+        assert raised.value.transient
+        with pytest.raises(JournalUnavailable, match="unavailable"):
+            journal.create(tx, durable=True)
+        proxy.up()
+        journal.create(tx, durable=True)
+        assert journal.get(tx.id) == tx
+    finally:
+        if listening:
+            for engine in journal.engines:
+                sa.event.remove(engine, "before_cursor_execute", counted)
+        journal.close()

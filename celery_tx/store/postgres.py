@@ -229,13 +229,11 @@ def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
     statement is its own transaction) and return the first column of its first
     row, or None; its errors translated as ``Journal`` translates them."""
     dbapi = engine.dialect.loaded_dbapi
+    connection = None
     try:
+        # The pool raises the driver's own error when it cannot connect: SQLAlchemy
+        # wraps errors in Connection, which this bypasses.
         connection = engine.raw_connection()
-    except sa.exc.DBAPIError as exc:  # the pool wraps a failed connect
-        raise JournalUnavailable(
-            f"the journal database is unavailable: {exc.orig}", transient=True
-        ) from exc
-    try:
         cursor = connection.cursor()
         try:
             cursor.execute(statement, parameters)
@@ -245,12 +243,14 @@ def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
     except dbapi.IntegrityError as exc:  # a unique key: the race the version guards
         raise JournalConflict(str(exc)) from exc
     except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-        connection.invalidate()  # a lost connection must not go back to the pool
+        if connection is not None:
+            connection.invalidate()  # a lost connection must not go back to the pool
         raise JournalUnavailable(
             f"the journal database is unavailable: {exc}", transient=True
         ) from exc
     except dbapi.Error as exc:
         raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
     finally:
-        connection.close()  # back to the pool (autocommit: nothing to reset)
+        if connection is not None:
+            connection.close()  # back to the pool (autocommit: nothing to reset)
     return None if row is None else row[0]

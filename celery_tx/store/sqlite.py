@@ -43,13 +43,11 @@ def write(engine: sa.Engine, statements: Callable[[Driver], _T], *, durable: boo
     """``statements`` in one write transaction on a connection of ``engine``'s
     pool, flushed when ``durable``; its errors translated as ``Journal``
     translates them, and nothing of it kept when it fails."""
+    pooled = None
     try:
+        # The pool raises the driver's own error when it cannot connect: SQLAlchemy
+        # wraps errors in Connection, which this bypasses.
         pooled = engine.raw_connection()
-    except sa.exc.DBAPIError as exc:  # the pool wraps a failed connect
-        raise JournalUnavailable(
-            f"the journal database is unavailable: {exc.orig}", transient=True
-        ) from exc
-    try:
         connection = pooled.driver_connection
         assert isinstance(connection, sqlite3.Connection)
         synchronous = "FULL" if durable else "NORMAL"
@@ -75,4 +73,5 @@ def write(engine: sa.Engine, statements: Callable[[Driver], _T], *, durable: boo
     except sqlite3.Error as exc:
         raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
     finally:
-        pooled.close()  # back to the pool
+        if pooled is not None:
+            pooled.close()  # back to the pool
