@@ -26,7 +26,8 @@ including everything the sending process does. Rounds alternate the sides so
 that a change in the machine's load hits all; the ratios printed are of the
 medians. ``--count-commits`` adds, per side at P = 4, the database's own count
 of committed transactions per transaction (``pg_stat_database.xact_commit``,
-reads while waiting included), after the server's statistics settle;
+reads while waiting included), after the server's statistics settle, and what a
+window as long counts with nothing sent (the workers' timed sweeps);
 ``--cpu`` the CPU milliseconds per transaction at P = 4 of each process group
 (this client, the worker with its pool, PostgreSQL, Redis, RabbitMQ), one run of each
 side: on 2 cores, what a side costs in all is what bounds its throughput.
@@ -255,14 +256,23 @@ _SETTLE = 11.5  # seconds: an idle backend reports its counts after 10 s (PGSTAT
 
 
 def count_commits(app_module, url: str, sides: list[str], n: int) -> dict[str, float]:
-    """Committed transactions per transaction, server-counted, at P = 4."""
+    """Committed transactions per transaction, server-counted, at P = 4; and, as
+    "idle", what the same window counts with no transaction sent (the workers'
+    sweeps, on a timer: a per-process cost, not a per-transaction one), divided
+    by ``n`` as well."""
     counts = {}
+    windows = []
     for side in sides:
         time.sleep(_SETTLE)
-        before = _server_commits(url)
+        before, started = _server_commits(url), time.monotonic()
         SIDES[side](app_module, n, 4)
         time.sleep(_SETTLE)
         counts[side] = (_server_commits(url) - before - 2) / n  # less our two reads
+        windows.append(time.monotonic() - started)
+    time.sleep(_SETTLE)
+    before = _server_commits(url)
+    time.sleep(statistics.median(windows))
+    counts["idle"] = (_server_commits(url) - before - 2) / n
     return counts
 
 
@@ -306,10 +316,17 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
             for side, ms in cpu_breakdown(app_module, sides, args.transactions, worker.pid).items():
                 print(f"  {side:>10} " + " ".join(f"{k} {v:6.2f}" for k, v in ms.items()))
         if args.count_commits and args.stack in _SERVER_STACKS:
-            counts = count_commits(app_module, env["CELERY_TX_DATABASE_URL"], sides, 100)
+            counts = count_commits(
+                app_module, env["CELERY_TX_DATABASE_URL"], sides, args.transactions
+            )
+            idle = counts.pop("idle")
             print(
-                "server-counted commits per transaction, P=4: "
-                + ", ".join(f"{side} {value:.1f}" for side, value in counts.items())
+                f"server-counted commits per transaction, P=4, {args.transactions} transactions: "
+                + ", ".join(f"{side} {value:.2f}" for side, value in counts.items())
+                + f"; the same window with none sent counts {idle:.2f} per transaction"
+                + " (less it: "
+                + ", ".join(f"{side} {value - idle:.2f}" for side, value in counts.items())
+                + ")"
             )
     except BaseException:
         print((folder / "worker.log").read_text()[-5000:], file=sys.stderr)
