@@ -154,7 +154,10 @@ def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deplo
     coordinator.register_participant(
         tx_id, "a", tasks.step.s(str(path), "a", "fail"), late_tasks.late_undo.s(str(path), "a")
     )
-    worker = _start_worker(stack, tmp_path / "worker.log")
+    # Nothing here stalls: a short stalled_after would let a booting worker's
+    # sweep resend the retried compensation while its message still waits, and
+    # this participant is not idempotent (resuming a stall is at least once).
+    worker = _start_worker(stack, tmp_path / "worker.log", stalled_after=60)
     try:
         failed = coordinator.commit_transaction(tx_id, timeout=60)
     finally:
@@ -163,7 +166,9 @@ def test_a_compensation_the_workers_lack_fails_clearly_and_is_retried_once_deplo
     assert "tests.late.undo" in failed.steps[0].compensation_error
     assert effects(path) == ["a:action-failed"]
 
-    deployed = _start_worker(stack, tmp_path / "deployed.log", "-I", "tests.apps.late_tasks")
+    deployed = _start_worker(
+        stack, tmp_path / "deployed.log", "-I", "tests.apps.late_tasks", stalled_after=60
+    )
     try:
         coordinator.retry_transaction(tx_id)
         deadline = time.monotonic() + 60
