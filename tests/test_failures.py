@@ -372,7 +372,8 @@ def _acknowledgement_lost(journal: Any, lost: int, commits: list[int]) -> Iterat
 
     SQLite's writes commit through the dialect's ``do_commit``; PostgreSQL's are
     single statements in autocommit mode, each its own commit, sent through a
-    psycopg cursor: the drop comes once the statement ran, before its result.
+    psycopg cursor: the drop comes once the statement ran, before its result
+    (the journal's writes are the statements that start with WITH).
     """
     dialect = journal.engine.dialect
     if dialect.name == "sqlite":
@@ -396,7 +397,7 @@ def _acknowledgement_lost(journal: Any, lost: int, commits: list[int]) -> Iterat
 
     def execute_then_drop(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = real_execute(self, *args, **kwargs)
-        if self.connection.autocommit and args and not str(args[0]).startswith("SELECT"):
+        if self.connection.autocommit and args and str(args[0]).startswith("WITH"):
             commits[0] += 1
             if commits[0] == lost:
                 raise psycopg.OperationalError("connection lost (simulated)")
