@@ -7,6 +7,7 @@ helpers make that write as the driver would, without running anything.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime
 
@@ -50,3 +51,16 @@ def journal_pending(coordinator: TransactionCoordinator, tx_id: uuid.UUID) -> Ou
     journal = coordinator.journal
     with coordinator._pending.ending(journal, tx_id, "commit") as entry:
         return journal.create(entry.tx, durable=True)
+
+
+def final_in_journal(
+    coordinator: TransactionCoordinator, tx_id: uuid.UUID, timeout: float = 60
+) -> Outcome:
+    """The transaction once the journal says it is final (polled, as an operator
+    would read it), or as it is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    tx = coordinator.get_transaction(tx_id)
+    while not tx.is_final and time.monotonic() < deadline:
+        time.sleep(0.02)
+        tx = coordinator.get_transaction(tx_id)
+    return tx

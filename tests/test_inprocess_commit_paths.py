@@ -17,6 +17,7 @@ import pytest
 from celery_tx import StepStatus, TransactionCoordinator, TxStatus
 from celery_tx.core.outcome import Outcome
 from tests.apps.tasks import effects
+from tests.journaled import final_in_journal
 from tests.participants import Boom, append_line
 
 WAIT = 30
@@ -93,15 +94,6 @@ def test_a_handle_waits_for_the_outcome_of_the_run_in_its_thread(
     assert threading.current_thread().name not in participants.threads
 
 
-def _final(coordinator: TransactionCoordinator, tx_id: uuid.UUID) -> Outcome:
-    deadline = time.monotonic() + WAIT
-    tx = coordinator.get_transaction(tx_id)
-    while not tx.is_final and time.monotonic() < deadline:
-        time.sleep(0.02)
-        tx = coordinator.get_transaction(tx_id)
-    return tx
-
-
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_a_wait_that_times_out_leaves_the_run_going_on(
     coordinator: TransactionCoordinator, tmp_path: Path, entry: str
@@ -137,7 +129,11 @@ def test_a_wait_that_times_out_leaves_the_run_going_on(
     assert participants.lines() == ["a:action", "b:asleep"]
 
     participants.gate.set()
-    outcome = handle.wait(timeout=WAIT) if entry == "handle" else _final(coordinator, tx_id)
+    outcome = (
+        handle.wait(timeout=WAIT)
+        if entry == "handle"
+        else final_in_journal(coordinator, tx_id, WAIT)
+    )
     assert outcome.status is TxStatus.COMMITTED
     assert participants.lines() == ["a:action", "b:asleep", "b:action", "c:action"]
     assert [(s.status, s.attempts) for s in outcome.steps] == [(StepStatus.DONE, 1)] * 3

@@ -30,7 +30,7 @@ from celery_tx.drivers.celery_tasks.messages import task_id
 from tests.apps import sleepy_tasks, tasks
 from tests.apps.sleepy_tasks import starts
 from tests.apps.tasks import effects
-from tests.journaled import start_without_running
+from tests.journaled import final_in_journal, start_without_running
 from tests.stacks import Stack
 from tests.worker_process import wait_until, worker_process
 
@@ -118,16 +118,6 @@ def steps_of(
     for step, behaviour in zip("abcdef", behaviours, strict=False):
         coordinator.register_participant(tx_id, step, tasks.step.s(path, step, behaviour))
     return tx_id
-
-
-def final(coordinator: TransactionCoordinator, tx_id: uuid.UUID) -> Any:
-    """The transaction once final (read from the journal), or as it is after WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    tx = coordinator.get_transaction(tx_id)
-    while not tx.is_final and time.monotonic() < deadline:
-        time.sleep(0.05)
-        tx = coordinator.get_transaction(tx_id)
-    return tx
 
 
 # -- a. an action again after its transaction committed ----------------------
@@ -335,7 +325,7 @@ def test_the_next_action_arriving_after_an_abort_never_runs(
     assert wire.wait_ran(task_id(tx_id, 1, "action"), 1) == ["IGNORED"]
     assert outcome.status is TxStatus.ROLLED_BACK
     assert effects(path) == ["a:action", "a:action-ended", "a:compensation"]
-    after = final(coordinator, tx_id)
+    after = final_in_journal(coordinator, tx_id, WAIT)
     assert [(s.status, s.attempts, s.compensation_attempts) for s in after.steps] == [
         (StepStatus.COMPENSATED, 1, 1),
         (StepStatus.SKIPPED, 0, 0),

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 
-from celery_tx.core.errors import InvalidArgument
+from celery_tx.core.errors import InvalidArgument, JournalConflict, JournalUnavailable
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_tx.sqlite3"
 """The journal when nothing is configured: a SQLite file in the working directory."""
@@ -227,6 +228,26 @@ def prepare_begin(conn: Connection) -> None:
         if options.get(WRITE):
             durable = options.get(DURABLE)
             conn.connection.info[_BEGIN_MODE] = _BEGIN_DURABLE_WRITE if durable else _BEGIN_WRITE
+
+
+@contextmanager
+def driver_errors(dbapi: Any, lost: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """The driver's errors, for statements sent straight through it (``postgres.send``,
+    ``sqlite.write``), translated as ``Journal`` translates SQLAlchemy's: a unique
+    key hit is ``JournalConflict`` (the race the version guards); a lost or
+    refused connection a transient ``JournalUnavailable``, after ``lost()``
+    (drop the connection); any other refusal a ``JournalUnavailable``."""
+    try:
+        yield
+    except dbapi.IntegrityError as exc:
+        raise JournalConflict(str(exc)) from exc
+    except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+        lost()
+        raise JournalUnavailable(
+            f"the journal database is unavailable: {exc}", transient=True
+        ) from exc
+    except dbapi.Error as exc:
+        raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
 
 
 def instrumented(engine: Engine) -> bool:

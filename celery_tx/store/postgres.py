@@ -31,9 +31,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
 
-from celery_tx.core.errors import JournalConflict, JournalUnavailable
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.store import rows, schema
+from celery_tx.store.engine import driver_errors
 
 _DIALECT = PGDialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialects are untyped
 _STEP_TYPES = {column.name: column.type for column in schema.steps.columns}
@@ -228,28 +228,23 @@ def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
     """Run one statement on a connection of ``engine``'s pool (autocommit: the
     statement is its own transaction) and return the first column of its first
     row, or None; its errors translated as ``Journal`` translates them."""
-    dbapi = engine.dialect.loaded_dbapi
     connection = None
-    try:
-        # The pool raises the driver's own error when it cannot connect: SQLAlchemy
-        # wraps errors in Connection, which this bypasses.
-        connection = engine.raw_connection()
-        cursor = connection.cursor()
-        try:
-            cursor.execute(statement, parameters)
-            row = cursor.fetchone() if cursor.description else None
-        finally:
-            cursor.close()
-    except dbapi.IntegrityError as exc:  # a unique key: the race the version guards
-        raise JournalConflict(str(exc)) from exc
-    except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+
+    def lost() -> None:
         if connection is not None:
             connection.invalidate()  # a lost connection must not go back to the pool
-        raise JournalUnavailable(
-            f"the journal database is unavailable: {exc}", transient=True
-        ) from exc
-    except dbapi.Error as exc:
-        raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
+
+    try:
+        with driver_errors(engine.dialect.loaded_dbapi, lost):
+            # The pool raises the driver's own error when it cannot connect:
+            # SQLAlchemy wraps errors only in Connection, which this bypasses.
+            connection = engine.raw_connection()
+            cursor = connection.cursor()
+            try:
+                cursor.execute(statement, parameters)
+                row = cursor.fetchone() if cursor.description else None
+            finally:
+                cursor.close()
     finally:
         if connection is not None:
             connection.close()  # back to the pool (autocommit: nothing to reset)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from celery_tx.core.errors import JournalConflict, JournalUnavailable
+from celery_tx.store.engine import driver_errors
 
 _T = TypeVar("_T")
 
@@ -45,33 +45,26 @@ def write(engine: sa.Engine, statements: Callable[[Driver], _T], *, durable: boo
     translates them, and nothing of it kept when it fails."""
     pooled = None
     try:
-        # The pool raises the driver's own error when it cannot connect: SQLAlchemy
-        # wraps errors in Connection, which this bypasses.
-        pooled = engine.raw_connection()
-        connection = pooled.driver_connection
-        assert isinstance(connection, sqlite3.Connection)
-        synchronous = "FULL" if durable else "NORMAL"
-        if pooled.info.get("synchronous") != synchronous:  # shared with _sqlite_begin
-            connection.execute(f"PRAGMA synchronous = {synchronous}")
-            pooled.info["synchronous"] = synchronous
-        connection.execute("BEGIN IMMEDIATE")
-        dialect = engine.dialect
-        try:
-            result = statements(Driver(connection))
-            dialect.do_commit(pooled)  # as SQLAlchemy commits: its hook, its way
-        except BaseException:
-            if connection.in_transaction:
-                dialect.do_rollback(pooled)
-            raise
-        return result
-    except sqlite3.IntegrityError as exc:  # a unique key: the race the version guards
-        raise JournalConflict(str(exc)) from exc
-    except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk, I/O
-        raise JournalUnavailable(
-            f"the journal database is unavailable: {exc}", transient=True
-        ) from exc
-    except sqlite3.Error as exc:
-        raise JournalUnavailable(f"the journal database refused a write: {exc}") from exc
+        with driver_errors(sqlite3):
+            # The pool raises the driver's own error when it cannot connect:
+            # SQLAlchemy wraps errors only in Connection, which this bypasses.
+            pooled = engine.raw_connection()
+            connection = pooled.driver_connection
+            assert isinstance(connection, sqlite3.Connection)
+            synchronous = "FULL" if durable else "NORMAL"
+            if pooled.info.get("synchronous") != synchronous:  # shared with _sqlite_begin
+                connection.execute(f"PRAGMA synchronous = {synchronous}")
+                pooled.info["synchronous"] = synchronous
+            connection.execute("BEGIN IMMEDIATE")
+            dialect = engine.dialect
+            try:
+                result = statements(Driver(connection))
+                dialect.do_commit(pooled)  # as SQLAlchemy commits: its hook, its way
+            except BaseException:
+                if connection.in_transaction:
+                    dialect.do_rollback(pooled)
+                raise
+            return result
     finally:
         if pooled is not None:
             pooled.close()  # back to the pool
