@@ -13,39 +13,30 @@ caller passes ``durable=True``; other writes survive the crash of any process
 machine loses power. Drivers make durable exactly the writes whose loss could
 leave an effect unaccounted for or tell a caller something untrue; see
 ``celery_tx.drivers.local.runner`` for the in-process driver's choice. The SQL
-itself is built once in ``celery_tx.store.statements``.
+is in ``celery_tx.store.statements`` and ``celery_tx.store.postgres``; sending it
+(transactions, retries, errors) is ``celery_tx.store.database``'s.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection
 
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import JournalConflict, JournalUnavailable, TransactionNotFound
 from celery_tx.core.outcome import Outcome, StepOutcome, evolve
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.store import postgres, rows, schema, sqlite
+from celery_tx.store import postgres, rows
 from celery_tx.store import statements as sql
-from celery_tx.store.engine import (
-    Pools,
-    in_forked_children,
-    instrumented,
-    is_memory_sqlite,
-    prepare_begin,
-    resolve_database_url,
-)
+from celery_tx.store.database import FIRST_PAUSE, MAX_PAUSE, Database
 from celery_tx.store.observers import Write, tell
 
 logger = logging.getLogger("celery_tx.store")
@@ -56,13 +47,8 @@ PENDING_ELSEWHERE = (
 )
 """Part of every "not found": a PENDING transaction is not journaled (``celery_tx.pending``)."""
 
-_FIRST_PAUSE = 0.005
-_MAX_PAUSE = 2.0
-_T = TypeVar("_T")
-_NO_LOCK: AbstractContextManager[object] = nullcontext()
 
-
-class Journal:
+class Journal(Database):
     """Reads and compare-and-set writes of transactions in one SQL database."""
 
     def __init__(
@@ -72,43 +58,9 @@ class Journal:
         patience: float = 30.0,
         clock: Clock = utc_now,
     ) -> None:
-        self.url = resolve_database_url(database_url)
-        self.patience = patience
-        """Seconds ``apply`` keeps retrying lost races and an unreachable database."""
+        super().__init__(database_url, patience=patience)
         self.clock = clock
         """The time every write is stamped with, and every reader of this journal compares."""
-        self.pools = Pools(self.url)
-        self.engine: Engine = self.pools.engine
-        # On PostgreSQL every read, and every write that need not be flushed, is
-        # a single statement (see _save_in_one_statement).
-        self._one_statement = self.engine.dialect.name == "postgresql"
-        self._new_locks()
-        _renew_locks_after_fork(self)
-        self._schema_ready = False
-        self._prepared = sql.PreparedWrites(self.engine.dialect)
-
-    def _new_locks(self) -> None:
-        """The in-process locks; made again in a forked child (``_fresh_locks_in_child``)."""
-        # An in-memory SQLite database is one connection: share it one caller at a time.
-        self._serial: AbstractContextManager[object] = (
-            threading.RLock() if is_memory_sqlite(self.url) else nullcontext()
-        )
-        # SQLite has one writer at a time; its busy handler sleeps 1, 2, 5... ms
-        # between tries, so threads of this process queue here instead (other
-        # processes still rely on busy_timeout). Only an optimisation.
-        self._writers: AbstractContextManager[object] = (
-            threading.Lock() if self.url.get_backend_name() == "sqlite" else nullcontext()
-        )
-        self._schema_lock = threading.Lock()
-
-    @property
-    def engines(self) -> list[Engine]:
-        """Every engine (connection pool) the journal uses."""
-        return self.pools.engines
-
-    def close(self) -> None:
-        """Release the engines' connections."""
-        self.pools.close()
 
     # -- reads ---------------------------------------------------------------
 
@@ -351,7 +303,7 @@ class Journal:
         sweep or an operator made it, for the observers.
         """
         deadline = time.monotonic() + self.patience
-        pause = _FIRST_PAUSE
+        pause = FIRST_PAUSE
         # Writes whose COMMIT may have landed although we saw an error (the
         # connection dropped before the acknowledgement): recognised on reload,
         # so the event is never applied twice.
@@ -368,7 +320,7 @@ class Journal:
                 maybe_landed.append(after)
                 logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
                 time.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE)
+                pause = min(pause * 2, MAX_PAUSE)
                 continue  # if it landed, this retry's compare-and-set fails and we reload
             fresh = self._reload(tx, deadline)
             if fresh.version == tx.version + 1 and fresh in maybe_landed:
@@ -376,11 +328,11 @@ class Journal:
                 return fresh  # our own write after all
             maybe_landed.clear()
             tx = fresh
-            time.sleep(random.uniform(0, _FIRST_PAUSE))  # jitter, not crypto
+            time.sleep(random.uniform(0, FIRST_PAUSE))  # jitter, not crypto
 
     def _reload(self, tx: Outcome, deadline: float) -> Outcome:
         """The journaled state after a lost race, retrying a briefly unreachable database."""
-        pause = _FIRST_PAUSE
+        pause = FIRST_PAUSE
         while True:
             if time.monotonic() > deadline:
                 raise JournalConflict(f"transaction {tx.id} kept changing for {self.patience}s")
@@ -390,7 +342,7 @@ class Journal:
                 if not exc.transient or time.monotonic() + pause > deadline:
                     raise
                 time.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE)
+                pause = min(pause * 2, MAX_PAUSE)
                 continue
             if fresh is None:
                 raise TransactionNotFound(f"transaction {tx.id} vanished from the journal")
@@ -404,125 +356,6 @@ class Journal:
             return fresh
 
     # -- plumbing ------------------------------------------------------------
-
-    def run(self, statements: Callable[[Connection], _T], *, write: bool) -> _T:
-        """``statements(conn)`` in one database transaction, errors translated.
-
-        For reads and writes outside the compare-and-set path (the operators'
-        queries in ``celery_tx.store.queries``). Reads are retried on transient
-        errors; writes are not, so they must be safe to simply fail.
-        """
-        return self._run(statements, write=write)
-
-    def _run(
-        self,
-        statements: Callable[[Connection], _T],
-        *,
-        write: bool,
-        durable: bool = False,
-        single: bool = False,
-    ) -> _T:
-        """``statements(conn)`` in one database transaction, its errors translated.
-
-        ``single``: they are one statement, which needs no transaction around it.
-        """
-        if not self._schema_ready:
-            self._ensure_schema()
-        if write:  # retried by apply(), which knows whether a lost write landed
-            return self._transaction(statements, write=write, durable=durable, single=single)
-        # A read is safe to repeat. After a database restart the pool's first
-        # connections are dead; the failure discards them, so a retry reconnects.
-        return self._patiently(
-            lambda _: self._transaction(statements, write=False, durable=False, single=single)
-        )
-
-    def _scalar(
-        self, statement: str, parameters: dict[str, Any], *, write: bool, durable: bool = False
-    ) -> Any:
-        """PostgreSQL: one statement (``celery_tx.store.postgres``), its own
-        transaction; the first column of its first row. Reads are retried as in
-        ``_run``; a write is not (``apply`` knows whether a lost one landed)."""
-        if not self._schema_ready:
-            self._ensure_schema()
-        engine = self.pools.for_work(write=write, durable=durable, single=True)
-        if instrumented(engine):
-
-            def first(conn: Connection) -> Any:
-                result = conn.exec_driver_sql(statement, parameters)
-                return result.scalar() if result.returns_rows else None
-
-            def send(retried: bool) -> Any:
-                return self._transaction(first, write=write, durable=durable, single=True)
-
-        else:
-
-            def send(retried: bool) -> Any:
-                return postgres.send(engine, statement, parameters)
-
-        return send(False) if write else self._patiently(send)
-
-    def _write(self, statements: Callable[[sql.Executor], _T], *, durable: bool) -> _T:
-        """SQLite: ``statements`` in one write transaction (``celery_tx.store.sqlite``),
-        not retried (``apply`` knows whether a lost one landed)."""
-        if not self._schema_ready:
-            self._ensure_schema()
-        engine = self.pools.for_work(write=True, durable=durable, single=False)
-        if instrumented(engine):
-            return self._transaction(statements, write=True, durable=durable)
-        with self._serial, self._writers:
-            return sqlite.write(engine, statements, durable=durable)
-
-    def _patiently(self, attempt: Callable[[bool], _T], *, warn: bool = False) -> _T:
-        """``attempt(retried)``, tried again with growing pauses while the database is
-        briefly unreachable, for up to ``patience`` seconds; ``warn``: log each retry."""
-        deadline = time.monotonic() + self.patience
-        pause = _FIRST_PAUSE
-        retried = False
-        while True:
-            try:
-                return attempt(retried)
-            except JournalUnavailable as exc:
-                if not exc.transient or time.monotonic() + pause > deadline:
-                    raise
-                if warn:
-                    logger.warning("journal unavailable, retrying in %.2fs", pause, exc_info=True)
-            time.sleep(pause)
-            pause = min(pause * 2, _MAX_PAUSE)
-            retried = True
-
-    def _transaction(
-        self,
-        statements: Callable[[Connection], _T],
-        *,
-        write: bool,
-        durable: bool,
-        single: bool = False,
-    ) -> _T:
-        engine = self.pools.for_work(write=write, durable=durable, single=single)
-        writers = self._writers if write else _NO_LOCK
-        try:
-            with self._serial, writers, engine.connect() as conn:
-                prepare_begin(conn)
-                with conn.begin():
-                    return statements(conn)
-        except sa.exc.IntegrityError as exc:
-            # A unique key hit by a concurrent writer: the same race the version guards.
-            raise JournalConflict(str(exc.orig)) from exc
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise JournalUnavailable(
-                f"the journal database is unavailable: {exc.orig}", transient=True
-            ) from exc
-        except sa.exc.DBAPIError as exc:
-            # A statement the database refuses leaves the journal as it was; retrying
-            # would not help, but the caller must still get a typed error.
-            raise JournalUnavailable(f"the journal database refused a write: {exc.orig}") from exc
-
-    def _ensure_schema(self) -> None:
-        with self._schema_lock:
-            if self._schema_ready:
-                return
-            self._transaction(schema.ensure_schema, write=True, durable=False)
-            self._schema_ready = True
 
 
 class _NotMatched(Exception):
@@ -555,19 +388,3 @@ def _before_start(after: Outcome, position: int, previous: int | None) -> Outcom
         done = steps[previous]
         steps[previous] = evolve(done, status=StepStatus.RUNNING, result=None, finished_at=None)
     return evolve(after, steps=tuple(steps), version=after.version - 1)
-
-
-# A lock held by another thread when the process forks (a worker's sweeper
-# writing while the prefork pool replaces a child) stays held forever in the
-# child, whose every write would then hang: each child gets fresh locks.
-_JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
-
-
-def _renew_locks_after_fork(journal: Journal) -> None:
-    in_forked_children(_fresh_locks_in_child)
-    _JOURNALS.add(journal)
-
-
-def _fresh_locks_in_child() -> None:
-    for journal in list(_JOURNALS):
-        journal._new_locks()
