@@ -34,11 +34,16 @@ def noop() -> None:
 # -- the floor: the same protocol in raw psycopg, no library ---------------------
 #
 # What issue 13's journal must cost, sent straight through psycopg by plain
-# tasks: the client creates the transaction (RUNNING, its steps, step 0 RUNNING)
-# in one flushed statement; each later step, before its no-op runs, marks the
-# step before it DONE and itself RUNNING in one unflushed statement that checks
-# the transaction is still RUNNING; the last step, after its no-op, marks itself
-# DONE and the transaction COMMITTED in one flushed statement. N + 1 writes.
+# tasks: the client creates the transaction (RUNNING, its steps PENDING) in one
+# flushed statement; each step, before its no-op runs, is one unflushed "check +
+# mark" statement that goes on only while the transaction is RUNNING (the first
+# marks itself RUNNING; each later one marks the step before it DONE and itself
+# RUNNING); the last step, after its no-op, marks itself DONE and the
+# transaction COMMITTED in one flushed statement. N + 2 writes, as DBOS and DTM
+# pay. The first step's check is not optional: without it a step-1 message
+# still queued when a rollback begins would run its effect after the rollback
+# (issue 13, decision 2); an earlier floor left it out and was not the protocol
+# the issue describes.
 
 _DONE_AND_START = """
 WITH done AS (
@@ -49,6 +54,12 @@ WITH done AS (
 )
 UPDATE celery_tx_steps SET status = 'RUNNING', attempts = attempts + 1, started_at = now()
 WHERE tx_id = (SELECT tx_id FROM done) AND position = %(position)s
+RETURNING position
+"""
+_START_FIRST = """
+UPDATE celery_tx_steps SET status = 'RUNNING', attempts = attempts + 1, started_at = now()
+WHERE tx_id = %(tx)s AND position = 0 AND status = 'PENDING'
+  AND EXISTS (SELECT 1 FROM celery_tx_transactions WHERE id = %(tx)s AND status = 'RUNNING')
 RETURNING position
 """
 _DONE_AND_COMMIT = """
@@ -87,16 +98,14 @@ def floor_connection(synchronous: str) -> object:
 @app.task(name="bench.floor_step", ignore_result=True)
 def floor_step(tx_id: str, position: int, last: bool) -> None:
     """One step of a floor transaction: its one statement, and a no-op."""
-    if position > 0:
-        row = (
-            floor_connection("off")
-            .execute(  # type: ignore[attr-defined]
-                _DONE_AND_START, {"tx": tx_id, "previous": position - 1, "position": position}
-            )
-            .fetchone()
-        )
-        if row is None:
-            return  # the transaction is not running: the step must not run
+    if position == 0:
+        statement, values = _START_FIRST, {"tx": tx_id}
+    else:
+        statement = _DONE_AND_START
+        values = {"tx": tx_id, "previous": position - 1, "position": position}
+    row = floor_connection("off").execute(statement, values).fetchone()  # type: ignore[attr-defined]
+    if row is None:
+        return  # the transaction is not running: the step must not run
     if last:
         floor_connection("on").execute(  # type: ignore[attr-defined]
             _DONE_AND_COMMIT, {"tx": tx_id, "position": position}

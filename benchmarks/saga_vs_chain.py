@@ -13,7 +13,7 @@ processes, the project's ``celeryconfig.py``) and, against it, alternately:
   P x ``register_participant``, ``commit_transaction_async``), all started, then
   each awaited with ``handle.wait()`` (the journal);
 - floor (PostgreSQL journal only): the same protocol celery-tx's journal must
-  pay at best, N + 1 writes, sent by plain tasks through raw psycopg
+  pay at best, N + 2 writes, sent by plain tasks through raw psycopg
   (``bench_app.floor_step``: the client creates each transaction in one flushed
   statement, each step is one "check + mark" statement, the last one flushed),
   awaited by polling the journal for the whole batch at once;
@@ -27,7 +27,9 @@ that a change in the machine's load hits all; the ratios printed are of the
 medians. ``--count-commits`` adds, per side at P = 4, the database's own count
 of committed transactions per transaction (``pg_stat_database.xact_commit``,
 reads while waiting included), after the server's statistics settle, and what a
-window as long counts with nothing sent (the workers' timed sweeps);
+window as long counts with nothing sent (the workers' timed sweeps); and the
+same for write transactions alone (transaction ids assigned: a transaction gets
+one only when it writes);
 ``--cpu`` the CPU milliseconds per transaction at P = 4 of each process group
 (this client, the worker with its pool, PostgreSQL, Redis, RabbitMQ), one run of each
 side: on 2 cores, what a side costs in all is what bounds its throughput.
@@ -159,9 +161,7 @@ WITH tx AS (
 )
 INSERT INTO celery_tx_steps (tx_id, position, name, status, action, compensation,
                              attempts, compensation_attempts, started_at)
-SELECT tx.id, p, 'p' || p, CASE WHEN p = 0 THEN 'RUNNING' ELSE 'PENDING' END,
-       '{"kind": "floor"}', '{"kind": "floor"}', CASE WHEN p = 0 THEN 1 ELSE 0 END, 0,
-       CASE WHEN p = 0 THEN now() END
+SELECT tx.id, p, 'p' || p, 'PENDING', '{"kind": "floor"}', '{"kind": "floor"}', 0, 0, NULL
 FROM tx, generate_series(0, %(steps)s - 1) AS p
 """
 _COMMITTED = (
@@ -217,7 +217,10 @@ def _medians(app_module, sides: list[str], n: int, participants: int, rounds: in
     return {side: statistics.median(values) for side, values in rates.items()}
 
 
-def _server_commits(url: str) -> int:
+def _server_commits(url: str) -> tuple[int, int]:
+    """The database's committed transactions so far, and the cluster's next
+    transaction id: a transaction gets one only when it writes, so the second
+    counts write transactions (reading it assigns none)."""
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -226,9 +229,10 @@ def _server_commits(url: str) -> int:
         host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username, dbname=u.database
     ) as conn:
         row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            "SELECT xact_commit, pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+            " FROM pg_stat_database WHERE datname = current_database()"
         ).fetchone()
-    return int(row[0])
+    return int(row[0]), int(row[1])
 
 
 def cpu_breakdown(app_module, sides: list[str], n: int, worker_pid: int) -> dict[str, dict]:
@@ -267,12 +271,16 @@ def count_commits(app_module, url: str, sides: list[str], n: int) -> dict[str, f
         before, started = _server_commits(url), time.monotonic()
         SIDES[side](app_module, n, 4)
         time.sleep(_SETTLE)
-        counts[side] = (_server_commits(url) - before - 2) / n  # less our two reads
+        after = _server_commits(url)
+        counts[side] = (after[0] - before[0] - 2) / n  # less our two reads
+        counts[side + " writes"] = (after[1] - before[1]) / n
         windows.append(time.monotonic() - started)
     time.sleep(_SETTLE)
     before = _server_commits(url)
     time.sleep(statistics.median(windows))
-    counts["idle"] = (_server_commits(url) - before - 2) / n
+    after = _server_commits(url)
+    counts["idle"] = (after[0] - before[0] - 2) / n
+    counts["idle writes"] = (after[1] - before[1]) / n
     return counts
 
 
@@ -319,15 +327,18 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
             counts = count_commits(
                 app_module, env["CELERY_TX_DATABASE_URL"], sides, args.transactions
             )
-            idle = counts.pop("idle")
-            print(
-                f"server-counted commits per transaction, P=4, {args.transactions} transactions: "
-                + ", ".join(f"{side} {value:.2f}" for side, value in counts.items())
-                + f"; the same window with none sent counts {idle:.2f} per transaction"
-                + " (less it: "
-                + ", ".join(f"{side} {value - idle:.2f}" for side, value in counts.items())
-                + ")"
-            )
+            for kind, label in (("", "commits"), (" writes", "write transactions (xids)")):
+                idle = counts["idle" + kind]
+                mine = {side: counts[side + kind] for side in sides if side + kind in counts}
+                print(
+                    f"server-counted {label} per transaction, P=4, {args.transactions} "
+                    "transactions: "
+                    + ", ".join(f"{side} {value:.2f}" for side, value in mine.items())
+                    + f"; the same window with none sent counts {idle:.2f} per transaction"
+                    + " (less it: "
+                    + ", ".join(f"{side} {value - idle:.2f}" for side, value in mine.items())
+                    + ")"
+                )
     except BaseException:
         print((folder / "worker.log").read_text()[-5000:], file=sys.stderr)
         raise
