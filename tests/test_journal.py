@@ -189,7 +189,6 @@ def test_a_version_1_journal_gains_the_progress_columns(database_url: str) -> No
     journal.close()
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:  # turn it back into a version 1 journal
-        conn.exec_driver_sql("DROP INDEX ix_celery_tx_transactions_progress")
         for column in ("updated_at", "claimed_until"):
             conn.exec_driver_sql(f"ALTER TABLE celery_tx_transactions DROP COLUMN {column}")
         conn.execute(schema.schema_version.update().values(version=1))
@@ -233,6 +232,43 @@ def test_a_version_2_journal_names_the_driver_of_its_celery_transactions(
     engine.dispose()
     assert drivers == ["celery", "local", "local"]
     assert version == schema.SCHEMA_VERSION
+
+
+def test_a_version_5_journal_drops_the_index_every_step_write_updated(database_url: str) -> None:
+    """Schema 5 -> 6: the index on (status, updated_at), which every step's write
+    had to update, is gone; on PostgreSQL the transactions' pages keep room for
+    those writes to update rows in place."""
+    journal = Journal(database_url)
+    tx = journal.create(new_tx())
+    journal.close()
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:  # as schema 5 left it
+        conn.exec_driver_sql(
+            "CREATE INDEX ix_celery_tx_transactions_progress "
+            "ON celery_tx_transactions (status, updated_at)"
+        )
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE celery_tx_transactions RESET (fillfactor)")
+        conn.execute(schema.schema_version.update().values(version=5))
+    journal = Journal(database_url)
+    assert journal.load(tx.id) == tx
+    journal.close()
+    with engine.connect() as conn:
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("celery_tx_transactions")}
+        version = conn.execute(sa.select(schema.schema_version.c.version)).scalar_one()
+        options = (
+            conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = 'celery_tx_transactions'"
+            ).scalar_one()
+            if conn.dialect.name == "postgresql"
+            else None
+        )
+    engine.dispose()
+    assert "ix_celery_tx_transactions_progress" not in indexes
+    assert "ix_celery_tx_transactions_status" in indexes  # what the sweeps search by
+    assert version == schema.SCHEMA_VERSION
+    if options is not None:
+        assert "fillfactor=70" in options
 
 
 def test_unreachable_database_is_a_typed_error() -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Dialect
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The version of the tables below; bump it and add a migration to change them."""
 
 FINAL_CHANNEL = "celery_tx_final"
@@ -112,11 +112,32 @@ def notify_when_final(conn: Connection) -> None:
     )
 
 
+def leave_room_for_updates(conn: Connection) -> None:
+    """Every new journal, and version 5 -> 6: each step's write changes only the
+    transaction row's unindexed columns (its version and ``updated_at``), which
+    PostgreSQL can update in place (a HOT update: no new index entries) when the
+    row's page has room. Leave that room, and drop the index on ``updated_at``
+    that versions 2 to 5 kept (it made every such write update all four of the
+    table's indexes, and no query of the sweeps could use it:
+    ``celery_tx.store.candidates`` compares ``coalesce(updated_at,
+    created_at)``)."""
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_celery_tx_transactions_progress")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ALTER TABLE celery_tx_transactions SET (fillfactor = {_FILLFACTOR})")
+
+
+# Percent of each page of transaction rows that inserts fill: the rest is for
+# the updates of the steps' writes, four or more per row (PostgreSQL's default
+# is 100: no room).
+_FILLFACTOR = 70
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _add_progress_columns,
     2: _name_the_celery_driver,
     3: notify_when_final,
     4: notify_when_final,
+    5: leave_room_for_updates,
 }
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
@@ -180,11 +201,13 @@ transactions = sa.Table(
     sa.Column("finished_at", UTCDateTime),
     sa.Column("deadline_at", UTCDateTime),
     # When any write last changed the transaction: the sweeps find stalled ones by it.
+    # Not indexed: every step's write sets it, and an indexed column would make
+    # each of those writes update every index (no HOT update on PostgreSQL);
+    # the sweeps find RUNNING and COMPENSATING rows by status, few at a time.
     sa.Column("updated_at", UTCDateTime),
     # A sweep's lease on the row: other sweeps leave it alone until then.
     sa.Column("claimed_until", UTCDateTime),
     sa.Index("ix_celery_tx_transactions_status", "status", "created_at"),
-    sa.Index("ix_celery_tx_transactions_progress", "status", "updated_at"),
     sa.Index("ix_celery_tx_transactions_created", "created_at"),
 )
 
@@ -235,6 +258,7 @@ def ensure_schema(conn: Connection) -> None:
     found = conn.execute(sa.select(schema_version.c.version)).scalar_one_or_none()
     if found is None:
         notify_when_final(conn)
+        leave_room_for_updates(conn)
         conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
         return
     if found > SCHEMA_VERSION:
