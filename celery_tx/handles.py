@@ -34,10 +34,11 @@ class CommitHandle:
         self._run = run  # the in-process commit, when this process runs it
         # The commit watched the transaction's end since before journaling it
         # (``waiting.Waiters.watch``): the handle holds that watch until it is
-        # dropped, and waits without reading the journal.
+        # dropped, and waits without reading the journal until it saw the end
+        # (after that, an operator may have retried it: each wait reads).
         self._watched = watched
         if watched:
-            weakref.finalize(self, waiters_for(journal).unwatch, tx_id)
+            weakref.finalize(self, waiters_for(journal).release_later, tx_id)
 
     def __repr__(self) -> str:
         return f"<CommitHandle {self._id}>"
@@ -76,6 +77,7 @@ class CommitHandle:
         tx = waiters_for(self._journal).wait_final(self._id, timeout, watched=self._watched)
         if tx is None:
             raise self._timeout(timeout)
+        self._watched = False  # its end seen: a later wait reads, as any handle's
         return tx
 
     def _timeout(self, timeout: float | None) -> TimeoutError:

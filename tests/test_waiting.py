@@ -146,7 +146,8 @@ def test_a_transaction_watched_before_it_was_journaled_is_waited_for_without_a_r
     assert result.version == ended.version
     if waiting.engine.dialect.name == "postgresql":
         assert sent == []
-    del handle, waiter  # the handle's watch ends with it
+    del handle, waiter  # the handle's watch ends with it,
+    waiters_for(waiting).unwatch(uuid.uuid4())  # given up by the next taker of the lock
     assert tx.id not in waiters_for(waiting)._watched
 
 
@@ -192,6 +193,75 @@ def test_a_transaction_too_large_to_notify_is_read_once_woken(postgres_url: str)
     finally:
         waiting.close()
         other.close()
+
+
+def _move(journal: Journal, tx: Outcome, status: TxStatus) -> Outcome:
+    """Write ``tx`` with ``status``, as a worker or an operator would."""
+    finished = datetime.now(UTC) if status.is_final else None
+    return journal.save(tx, replace(tx, status=status, finished_at=finished), durable=True)
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_an_end_an_operator_retried_is_not_returned_again(
+    journals: tuple[Journal, Journal], watched: bool
+) -> None:
+    """A handle woken with FAILED, then the transaction retried by an operator: its
+    next wait, and a new handle's, wait for the retry's end instead of returning
+    the FAILED one heard before."""
+    waiting, other = journals
+    now = datetime.now(UTC)
+    tx = Outcome(id=uuid.uuid4(), name="w", status=TxStatus.RUNNING, created_at=now)
+    if watched:
+        waiters_for(waiting).watch(tx.id)
+    handle = CommitHandle(tx.id, waiting, watched=watched)
+    tx = other.create(replace(tx, started_at=now))
+    failed = _move(other, _move(other, tx, TxStatus.COMPENSATING), TxStatus.FAILED)
+    assert handle.wait(30) == failed
+    retried = _move(other, failed, TxStatus.COMPENSATING)  # what `celery tx retry` writes
+    time.sleep(0.3)  # the listener or poller has caught up with the journal
+    with pytest.raises(TimeoutError):
+        handle.wait(0.3)
+    with pytest.raises(TimeoutError):
+        CommitHandle(tx.id, waiting).wait(0.3)
+    waiter = Waiting([handle, CommitHandle(tx.id, waiting)], timeout=30)
+    time.sleep(0.2)
+    rolled_back = _move(other, retried, TxStatus.ROLLED_BACK)
+    assert waiter.join() == [rolled_back, rolled_back]
+
+
+def test_a_handle_dropped_inside_a_garbage_collection_under_the_lock_does_not_deadlock(
+    journals: tuple[Journal, Journal],
+) -> None:
+    """A watched handle kept alive only by a reference cycle is finalized by a
+    garbage collection, which may run in a thread that holds the waiters' lock
+    (any allocation triggers it): its watch is given up later, never by taking
+    that lock again."""
+    import gc
+
+    waiting, _ = journals
+    waiters = waiters_for(waiting)
+    tx_id = uuid.uuid4()
+    waiters.watch(tx_id)
+    done = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        with waiters._lock:
+            gc.collect()
+        done.set()
+
+    gc.disable()  # no collection before the one under the lock
+    try:
+        handle = CommitHandle(tx_id, waiting, watched=True)
+        handle.cycle = handle  # type: ignore[attr-defined]
+        del handle
+        threading.Thread(target=collect_under_the_lock, daemon=True).start()
+        assert done.wait(10), "the finalizer waited for the lock its own thread held"
+    finally:
+        gc.enable()
+    other_id = uuid.uuid4()
+    waiters.watch(other_id)  # the next taker of the lock gives the dropped watch up
+    waiters.unwatch(other_id)
+    assert tx_id not in waiters._watched
 
 
 def test_an_ended_transaction_is_returned_at_once(journals: tuple[Journal, Journal]) -> None:

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,10 +76,14 @@ class Waiters:
         self.notified = journal.engine.dialect.name == "postgresql"
         """Whether the journal notifies the ends of transactions (PostgreSQL)."""
         self._arrived = threading.Event()  # a new watch: the poller starts fast again
+        # Watches given up by finalizers (``release_later``), undone under the lock
+        # by whoever takes it next.
+        self._released: deque[uuid.UUID] = deque()
 
     def watch(self, tx_id: uuid.UUID) -> None:
         """Hear the end of ``tx_id`` from now on, until as many ``unwatch``."""
         with self._lock:
+            self._drain_released()
             watch = self._watched.get(tx_id)
             if watch is None:
                 watch = self._watched[tx_id] = _Watch()
@@ -94,52 +99,116 @@ class Waiters:
     def unwatch(self, tx_id: uuid.UUID) -> None:
         """Undo one ``watch``."""
         with self._lock:
-            watch = self._watched.get(tx_id)
-            if watch is not None:
-                watch.holders -= 1
-                if watch.holders <= 0:
-                    del self._watched[tx_id]
+            self._drain_released()
+            self._unwatch_locked(tx_id)
+
+    def release_later(self, tx_id: uuid.UUID) -> None:
+        """Undo one ``watch`` without taking the lock: for a finalizer, which the
+        garbage collector may run in a thread that holds the lock already (the
+        lock is not reentrant, and the collector runs wherever an allocation
+        triggers it, such as inside ``watch``). The next taker of the lock does it."""
+        self._released.append(tx_id)  # deque.append is atomic and takes no lock
+
+    def _drain_released(self) -> None:
+        while self._released:
+            self._unwatch_locked(self._released.popleft())
+
+    def _unwatch_locked(self, tx_id: uuid.UUID) -> None:
+        watch = self._watched.get(tx_id)
+        if watch is not None:
+            watch.holders -= 1
+            if watch.holders <= 0:
+                del self._watched[tx_id]
 
     def wait_final(
         self, tx_id: uuid.UUID, timeout: float | None, *, watched: bool = False
     ) -> Outcome | None:
         """The transaction once it is final, or None when ``timeout`` seconds pass first.
 
-        ``watched``: the caller watched it since before it was journaled, so its
-        end cannot have gone unheard: no read before waiting, and none after on
-        PostgreSQL when the notification carried the transaction. Otherwise one
-        read first (``TransactionNotFound`` when the journal has no such
-        transaction). Every check in between is the thread's.
+        ``watched``: the caller watched it since before it was journaled and has
+        not seen it end yet, so its end cannot have gone unheard: no read before
+        waiting, and none after on PostgreSQL when the notification carried the
+        transaction. Otherwise one read first (``TransactionNotFound`` when the
+        journal has no such transaction). Every check in between is the thread's.
+
+        An end heard that the journal no longer shows (an operator retried a
+        FAILED transaction since) is forgotten, and the wait goes on for the next.
         """
         if not watched:
             self.watch(tx_id)
         try:
             with self._lock:
                 watch = self._watched[tx_id]
-            if not watched:
-                tx = self.journal.load(tx_id)
-                if tx is None:
-                    raise TransactionNotFound(f"no transaction {tx_id} in the journal")
-                if tx.is_final:
-                    return tx
-            if not watch.ended.wait(timeout):
-                return None
-            return watch.outcome or self.journal.get(tx_id)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            read = not watched or self._heard_failed(watch)
+            while True:
+                if read:
+                    tx = self.journal.load(tx_id)
+                    if tx is None:
+                        raise TransactionNotFound(f"no transaction {tx_id} in the journal")
+                    if tx.is_final:
+                        return tx
+                    if self._forget_older_end(watch, tx):
+                        continue  # forgotten without knowing it older: read again
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if not watch.ended.wait(remaining):
+                    return None
+                with self._lock:
+                    heard = watch.outcome
+                if heard is not None:
+                    return heard
+                read = True  # heard without the transaction: read it
         finally:
             if not watched:
                 self.unwatch(tx_id)
 
+    def _heard_failed(self, watch: _Watch) -> bool:
+        """Whether the end heard already is FAILED: an operator may have retried it
+        since (the only end that can be), so the journal must say."""
+        with self._lock:
+            heard = watch.outcome
+            return watch.ended.is_set() and (heard is None or heard.status is TxStatus.FAILED)
+
+    def _forget_older_end(self, watch: _Watch, read: Outcome) -> bool:
+        """Forget the end heard for ``watch`` unless it is newer than ``read`` (not
+        final): the transaction went on after it (an operator's retry of a
+        FAILED one), so that end is not the one to wait for. True when one was
+        forgotten without knowing its version (a notification without the
+        transaction, or a catch-up read): the caller reads again, since that may
+        have been a newer end heard after ``read``."""
+        with self._lock:
+            if not watch.ended.is_set():
+                return False
+            heard = watch.outcome
+            if heard is not None and heard.version > read.version:
+                return False  # a newer end, heard since the read: the one to return
+            watch.ended.clear()
+            watch.outcome = None
+            return heard is None
+
     def _pending_ids(self) -> list[uuid.UUID]:
         """The watched transactions whose end was not heard yet."""
         with self._lock:
+            self._drain_released()
             return [tx_id for tx_id, watch in self._watched.items() if not watch.ended.is_set()]
 
     def _ended(self, tx_id: uuid.UUID, outcome: Outcome | None) -> None:
+        """Wake the waiters of ``tx_id``: it ended as ``outcome`` (None: read it).
+        A later end (a retried transaction's) replaces an earlier one."""
         with self._lock:
             watch = self._watched.get(tx_id)
-            if watch is not None and not watch.ended.is_set():
-                watch.outcome = outcome
-                watch.ended.set()
+            if watch is None:
+                return
+            heard = watch.outcome
+            if (
+                watch.ended.is_set()
+                and heard is not None
+                and outcome is not None
+                and outcome.version <= heard.version
+            ):
+                return  # an older end, heard late
+            watch.outcome = outcome
+            watch.ended.set()
 
     def _idle_ended(
         self, idle_since: float | None, linger: float = _IDLE
@@ -147,6 +216,7 @@ class Waiters:
         """(whether the thread should end now, since when nothing is watched): it
         ends once nothing was watched for ``linger`` seconds."""
         with self._lock:
+            self._drain_released()
             if self._watched:
                 return False, None
             now = time.monotonic()
