@@ -129,7 +129,7 @@ def test_an_unknown_transaction(journal: Journal) -> None:
 def test_the_first_step_starts_in_one_write(journal: Journal) -> None:
     """start_first: step 0 RUNNING, one attempt; the returned transaction is the journal's."""
     tx = started(journal, first_running=False)
-    after = journal.start_first(tx.id, name="s0", task=TASK)
+    after = journal.start_first(tx.id, version=tx.version, name="s0", task=TASK)
     assert after is not None
     assert after == journal.load(tx.id)
     assert after.version == tx.version + 1
@@ -153,12 +153,61 @@ def test_the_first_step_does_not_start_when_a_condition_fails(
     if aborted:
         now = datetime.now(UTC)
         tx = journal.save(tx, tr.begin_compensation(tx, now, failed_step=None, error="x"))
-    assert journal.start_first(tx.id, name=name, task=task) is None
+    assert journal.start_first(tx.id, version=tx.version, name=name, task=task) is None
     assert journal.load(tx.id) == tx
+
+
+def test_the_first_step_does_not_start_from_another_version(journal: Journal) -> None:
+    """A write since the chain was sent (a sweep, an operator) moved the version on:
+    nothing is written, and the worker reads the journal instead."""
+    tx = started(journal, first_running=False)
+    for version in (tx.version - 1, tx.version + 1):
+        assert journal.start_first(tx.id, version=version, name="s0", task=TASK) is None
+    assert journal.load(tx.id) == tx
+
+
+@pytest.mark.postgres
+def test_two_racing_first_starts_start_the_step_once(journal: Journal) -> None:
+    """Two copies of the first step's statement at once (a duplicate delivery): the
+    one that waited for the other's row lock finds the version moved on, and writes
+    nothing; the step is started once, with one attempt."""
+    import threading
+
+    import psycopg
+
+    from celery_tx.store import postgres
+
+    if journal.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's row locks")
+    tx = started(journal, first_running=False)
+    values = {"id": tx.id, "version": tx.version, "position": 0, "name": "s0", "task": TASK}
+    parameters = postgres.step_on_parameters(values, datetime.now(UTC))
+    url = journal.engine.url
+    dsn = {"host": url.host, "port": url.port or 5432, "user": url.username, "dbname": url.database}
+    results: dict[str, object] = {}
+    with psycopg.connect(**dsn) as first, psycopg.connect(**dsn, autocommit=True) as second:
+        results["first"] = first.execute(postgres.START_FIRST, parameters).fetchone()
+
+        def race() -> None:  # blocks on the first's lock on the transaction's row
+            results["second"] = second.execute(postgres.START_FIRST, parameters).fetchone()
+
+        racer = threading.Thread(target=race)
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive(), "the second statement should wait for the first's lock"
+        first.commit()
+        racer.join(10)
+    assert results["first"] is not None
+    assert results["first"][0] is not None
+    assert results["second"] is None or results["second"][0] is None
+    after = journal.load(tx.id)
+    assert after is not None
+    assert (after.steps[0].status, after.steps[0].attempts) == (StepStatus.RUNNING, 1)
+    assert after.version == tx.version + 1
 
 
 def test_the_first_step_does_not_start_past_the_deadline(journal: Journal) -> None:
     past = datetime.now(UTC) - timedelta(seconds=1)
     tx = started(journal, deadline=past, first_running=False)
-    assert journal.start_first(tx.id, name="s0", task=TASK) is None
+    assert journal.start_first(tx.id, version=tx.version, name="s0", task=TASK) is None
     assert journal.load(tx.id) == tx

@@ -171,14 +171,22 @@ class Journal(Database):
         }
         return self._conditional_start(values, postgres.STEP_ON, sql.SQLITE_STEP_ON)
 
-    def start_first(self, tx_id: uuid.UUID, *, name: str, task: str) -> Outcome | None:
+    def start_first(
+        self, tx_id: uuid.UUID, *, version: int, name: str, task: str
+    ) -> Outcome | None:
         """One conditional write, no read before it: the first step (``name``,
-        running ``task``) RUNNING, one more attempt, only if it is PENDING (nobody
-        started it), the transaction RUNNING and before its deadline.
+        running ``task``) RUNNING, one more attempt, only if the transaction is
+        still at ``version`` (the one its chain was sent from), RUNNING and
+        before its deadline, and the step PENDING.
+
+        The version is the compare-and-set: on PostgreSQL, of two copies of the
+        statement racing, the one that waited re-checks only the transaction's
+        row once the other committed, not what its subqueries read; only the
+        version there says the step was started meanwhile.
 
         Returns the transaction as written, or None (nothing written) otherwise.
         """
-        values = {"id": tx_id, "position": 0, "name": name, "task": task}
+        values = {"id": tx_id, "version": version, "position": 0, "name": name, "task": task}
         return self._conditional_start(values, postgres.START_FIRST, sql.SQLITE_START_FIRST)
 
     def _conditional_start(

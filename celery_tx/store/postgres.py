@@ -155,12 +155,14 @@ def _step_on(first: bool) -> str:
     DONE), started AS (UPDATE the next step RUNNING) SELECT`` the transaction as
     written, as one JSON value: one round trip, and the caller needs no read.
     Nothing is written unless every condition holds (the step writes join
-    ``cas``, which checks the steps with EXISTS). ``first``: the first step's
-    start, with no previous step to end."""
+    ``cas``, which checks the steps with EXISTS). The version is what makes it a
+    compare-and-set: a statement that waited for another's lock on the
+    transaction's row re-checks that row alone, not its EXISTS. ``first``: the
+    first step's start, with no previous step to end."""
     previous = (
         ""
         if first
-        else " AND version = %(version)s AND EXISTS (SELECT FROM celery_tx_steps"
+        else " AND EXISTS (SELECT FROM celery_tx_steps"
         " WHERE tx_id = %(id)s AND position = %(previous)s AND status = 'RUNNING')"
     )
     done = (
@@ -176,7 +178,9 @@ def _step_on(first: bool) -> str:
         "WITH cas AS (UPDATE celery_tx_transactions"
         " SET version = version + 1, updated_at = %(now)s"
         " WHERE id = %(id)s AND status = 'RUNNING'"
-        " AND (deadline_at IS NULL OR deadline_at > %(now)s)" + previous + " AND EXISTS"
+        " AND (deadline_at IS NULL OR deadline_at > %(now)s) AND version = %(version)s"
+        + previous
+        + " AND EXISTS"
         " (SELECT FROM celery_tx_steps WHERE tx_id = %(id)s AND position = %(position)s"
         " AND status = 'PENDING' AND name = %(name)s AND action ->> 'task' = %(task)s)"
         " RETURNING *), " + done + "started AS (UPDATE celery_tx_steps SET status = 'RUNNING',"

@@ -125,19 +125,17 @@ class PreparedWrites:
 # -- the next step, in one conditional write (issue 13, decision 2) ---------------
 
 
-def _step_on_tx_conditions(first: bool) -> list[sa.ColumnElement[bool]]:
-    """The transaction RUNNING and not past its deadline; for a later step, also
-    where the previous step's worker left it (the version it carried). The first
-    step's start needs no version: only its PENDING status says nobody started it."""
+def _step_on_tx_conditions() -> list[sa.ColumnElement[bool]]:
+    """The transaction RUNNING, not past its deadline, and at the version the
+    message carried: where the previous step's worker left it, or, for the first
+    step, where the commit that sent the chain left it."""
     now = sa.bindparam("now", type_=_t.c.updated_at.type)
-    conditions = [
+    return [
         _t.c.id == sa.bindparam("b_id", type_=_t.c.id.type),
         _t.c.status == "RUNNING",
         sa.or_(_t.c.deadline_at.is_(None), _t.c.deadline_at > now),
+        _t.c.version == sa.bindparam("b_version"),
     ]
-    if not first:
-        conditions.append(_t.c.version == sa.bindparam("b_version"))
-    return conditions
 
 
 def _step_conditions(previous: bool) -> list[sa.ColumnElement[bool]]:
@@ -180,7 +178,7 @@ def _sqlite_step_on(first: bool) -> tuple[sa.Update, ...]:
     """SQLite has no data-modifying CTEs: the same conditional writes, in one
     database transaction (a local call each, not a round trip)."""
     tx_id = sa.bindparam("b_id", type_=_s.c.tx_id.type)
-    tx = sa.update(_t).where(*_step_on_tx_conditions(first)).values(_tx_values())
+    tx = sa.update(_t).where(*_step_on_tx_conditions()).values(_tx_values())
     started = sa.update(_s).where(_s.c.tx_id == tx_id, *_step_conditions(False))
     started = started.values(_started_values())
     if first:

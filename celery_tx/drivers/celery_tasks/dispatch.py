@@ -46,7 +46,13 @@ def action_signatures(app: Any, tx: Outcome, start: int = 0) -> list[Signature]:
 
 
 def send_actions(app: Any, tx: Outcome, signatures: list[Signature]) -> None:
-    """Send the chain of actions of a RUNNING transaction, its errback on every step."""
+    """Send the chain of actions of a RUNNING transaction, its errback on every step.
+
+    The first action carries ``tx``'s version: its worker starts it only if the
+    journal is still there (``Journal.start_first``), else reads and decides.
+    """
+    if signatures and not signatures[0].kwargs.get(messages.TX_CARRIED):
+        signatures[0].kwargs[messages.TX_VERSION] = tx.version
     # chain(*sigs) and link_error last: options and errbacks have been lost with
     # `|` (celery#6442, #4763).
     flow = chain(*signatures, app=app)

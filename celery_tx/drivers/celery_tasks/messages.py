@@ -31,7 +31,10 @@ TX_PHASE = "celery_tx_phase"
 TX_CARRIED = "celery_tx_carried"
 """Set on an action that a chain sends after another: the chain passes it the
 previous step's ``Carried`` as its first argument (its signature is mutable)."""
-RESERVED_KWARGS = (TX_ID, TX_STEP, TX_PHASE, TX_CARRIED)
+TX_VERSION = "celery_tx_version"
+"""On the first action a chain sends: the journal version the chain was sent
+from, the compare-and-set of that step's start (``Journal.start_first``)."""
+RESERVED_KWARGS = (TX_ID, TX_STEP, TX_PHASE, TX_CARRIED, TX_VERSION)
 
 # Options a registered signature may carry into its message: routing and limits.
 # Anything else (links, errbacks, serializer...) would change how the chain runs.
@@ -49,6 +52,8 @@ class StepMessage:
     phase: Phase
     carried: bool = False
     """Whether the task's first argument is the previous step's ``Carried``."""
+    version: int | None = None
+    """The journal version the chain was sent from (its first action only)."""
 
 
 @dataclass(frozen=True)
@@ -243,13 +248,16 @@ def pop_step_message(kwargs: dict[str, Any]) -> StepMessage | None:
         return None
     raw_id, step, phase = kwargs.pop(TX_ID), kwargs.pop(TX_STEP, None), kwargs.pop(TX_PHASE, None)
     carried = kwargs.pop(TX_CARRIED, False) is True
+    version = kwargs.pop(TX_VERSION, None)
     try:
         tx_id = uuid.UUID(str(raw_id))
     except ValueError:
         raise InvalidArgument(f"message names transaction {raw_id!r}, not a UUID") from None
     if not isinstance(step, str) or phase not in ("action", "compensation"):
         raise InvalidArgument(f"message names step {step!r} in phase {phase!r}")
-    return StepMessage(tx_id, step, phase, carried=carried and phase == "action")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise InvalidArgument(f"message names journal version {version!r}, not an integer")
+    return StepMessage(tx_id, step, phase, carried=carried and phase == "action", version=version)
 
 
 def _dumps(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 Actions: a step is journaled RUNNING before its function can run (an effect is
 never unaccounted for), by its worker's one conditional write, with no read:
-the first step from PENDING (``Journal.start_first``); each later one together
+the first step from PENDING, only from the journal version the chain was sent
+from (``Journal.start_first``); each later one together
 with the step before it DONE, with the result the chain handed over
 (``messages.Carried``), only from the journal version the step before left
 (``Journal.step_on``); both only while the transaction is RUNNING. When that
@@ -91,7 +92,11 @@ def _start(
     reads and decides."""
     try:
         if carried is None:
-            tx = journal.start_first(message.tx_id, name=message.step, task=task.name)
+            if message.version is None:  # sent by a celery-tx before the version
+                return None
+            tx = journal.start_first(
+                message.tx_id, version=message.version, name=message.step, task=task.name
+            )
             return None if tx is None else (tx, 0)
         tx = journal.step_on(
             message.tx_id,
