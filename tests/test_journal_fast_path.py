@@ -332,3 +332,37 @@ def test_a_top_level_json_integer_beyond_64_bits_round_trips(
     assert loaded is not None
     assert loaded.steps[0].result == 2**64 + 1
     assert isinstance(loaded.steps[0].result, int)
+
+
+@pytest.mark.postgres
+def test_a_statement_interrupted_by_a_non_driver_error_leaves_the_pool_clean(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement interrupted by an exception that is not the driver's (Celery's
+    soft time limit, a timeout) may still be running on its connection: that
+    connection is dropped, not put back, so the next statement does not fail
+    with "another command is already in progress"."""
+    import psycopg
+
+    from celery_tx.store import postgres
+
+    engine = sa.create_engine(
+        postgres_url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT"
+    )
+
+    class SoftTimeLimit(Exception):
+        """Raised from a signal handler while the statement runs."""
+
+    def interrupted(cursor: psycopg.Cursor[Any], *args: object, **kwargs: object) -> None:
+        cursor.connection.pgconn.send_query(b"SELECT pg_sleep(0.5)")  # the server runs it
+        raise SoftTimeLimit("soft time limit exceeded")
+
+    try:
+        assert postgres.send(engine, "SELECT 1", {}) == 1  # the pool's one connection
+        with monkeypatch.context() as patch:
+            patch.setattr(psycopg.Cursor, "execute", interrupted)
+            with pytest.raises(SoftTimeLimit):
+                postgres.send(engine, "SELECT 1", {})
+        assert postgres.send(engine, "SELECT 2", {}) == 2
+    finally:
+        engine.dispose()

@@ -247,6 +247,13 @@ def send(engine: sa.Engine, statement: str, parameters: dict[str, Any]) -> Any:
             try:
                 cursor.execute(statement, parameters)
                 row = cursor.fetchone() if cursor.description else None
+            except BaseException as exc:
+                if not isinstance(exc, engine.dialect.loaded_dbapi.Error):
+                    # Interrupted mid-statement (Celery's soft time limit, a
+                    # timeout, a signal): the server may still be running it on
+                    # this connection, which must not go back to the pool.
+                    lost()
+                raise
             finally:
                 cursor.close()
     finally:
