@@ -43,7 +43,7 @@ from celery_tx import (
     participant,
 )
 from celery_tx.core.errors import DuplicateParticipant
-from celery_tx.drivers.celery_tasks import registry
+from celery_tx.drivers.celery_tasks import messages, registry
 from celery_tx.store import schema
 from tests.apps import tasks
 from tests.apps.tasks import effects
@@ -230,7 +230,13 @@ BAD_REGISTRATIONS: dict[str, tuple[Build, type[Exception], str]] = {
             InvalidArgument,
             re.escape(f"commit_function: keyword arguments ['{key}'] are reserved by celery-tx"),
         )
-        for key in ("celery_tx_id", "celery_tx_step", "celery_tx_phase")
+        for key in (
+            "celery_tx_id",
+            "celery_tx_step",
+            "celery_tx_phase",
+            "celery_tx_carried",
+            "celery_tx_version",
+        )
     },
     "reserved-in-rollback": (
         lambda p, app: (tasks.step.s(p, "a"), tasks.undo_step.s(p, "a", celery_tx_phase="action")),
@@ -913,3 +919,18 @@ def test_an_errback_the_journal_does_not_back_changes_nothing(
         outcome = _wait_final(coordinator, tx_id)
     assert outcome.status is TxStatus.COMMITTED
     assert effects(path) == ["a:action", "b:action"]
+
+
+@pytest.mark.parametrize("version", ["3", 2.5, True, [3]])
+def test_a_message_with_a_malformed_journal_version_is_refused(version: object) -> None:
+    """The first action's message names the journal version its chain was sent
+    from: anything but an integer there is refused with a typed error, before
+    any journal write."""
+    kwargs = {
+        "celery_tx_id": str(uuid.uuid4()),
+        "celery_tx_step": "a",
+        "celery_tx_phase": "action",
+        "celery_tx_version": version,
+    }
+    with pytest.raises(InvalidArgument, match="journal version"):
+        messages.pop_step_message(kwargs)
