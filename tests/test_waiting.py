@@ -229,6 +229,56 @@ def test_an_end_an_operator_retried_is_not_returned_again(
     assert waiter.join() == [rolled_back, rolled_back]
 
 
+@pytest.mark.postgres
+def test_an_end_heard_during_another_waiters_read_is_not_lost(postgres_url: str) -> None:
+    """Two handles on one transaction: one reads it RUNNING, then its end is heard
+    (by id alone: too large to notify) before that handle looks again. That handle
+    reads again instead of forgetting the end, and the other handle, which waits
+    on the same end, still gets it."""
+    waiting, other = Journal(postgres_url), Journal(postgres_url)
+    try:
+        now = datetime.now(UTC)
+        step = StepOutcome(
+            position=0, name="big", status=StepStatus.RUNNING, action={}, compensation={}
+        )
+        tx = Outcome(id=uuid.uuid4(), name="w", status=TxStatus.RUNNING, created_at=now)
+        waiters_for(waiting).watch(tx.id)  # as a commit does, before journaling it
+        watched = CommitHandle(tx.id, waiting, watched=True)
+        tx = other.create(replace(tx, steps=(step,), started_at=now))
+        time.sleep(0.5)  # the listener listens
+        read, go = threading.Event(), threading.Event()
+        load = waiting.load
+
+        def paused_load(tx_id: uuid.UUID) -> Outcome | None:
+            found = load(tx_id)
+            if threading.current_thread().name == "reader" and not read.is_set():
+                read.set()
+                go.wait(10)  # it read RUNNING; the end is heard before it goes on
+            return found
+
+        waiting.load = paused_load  # type: ignore[method-assign]
+        results: dict[str, Outcome] = {}
+
+        def reader() -> None:
+            results["reader"] = CommitHandle(tx.id, waiting).wait(10)
+
+        thread = threading.Thread(target=reader, name="reader")
+        thread.start()
+        assert read.wait(10)
+        done = replace(step, status=StepStatus.DONE, result="x" * 10_000, finished_at=now)
+        ended = other.save(
+            tx, replace(tx, status=TxStatus.COMMITTED, steps=(done,), finished_at=now)
+        )
+        assert waiters_for(waiting)._watched[tx.id].ended.wait(10)
+        go.set()
+        thread.join(15)
+        assert results["reader"] == ended
+        assert watched.wait(5) == ended
+    finally:
+        waiting.close()
+        other.close()
+
+
 def test_a_handle_dropped_inside_a_garbage_collection_under_the_lock_does_not_deadlock(
     journals: tuple[Journal, Journal],
 ) -> None:

@@ -57,12 +57,16 @@ _FINAL = tuple(status.value for status in TxStatus if status.is_final)
 class _Watch:
     """One watched transaction: how many watch it, and its end once heard."""
 
-    __slots__ = ("ended", "holders", "outcome")
+    __slots__ = ("ended", "heard", "holders", "outcome")
 
     def __init__(self) -> None:
         self.ended = threading.Event()
         self.outcome: Outcome | None = None  # None when ended but not carried (read it)
         self.holders = 0
+        # How many ends were heard: a waiter compares it before and after a read,
+        # to tell an end heard before the read (which the read supersedes) from
+        # one heard since (which may be newer than what it read).
+        self.heard = 0
 
 
 class Waiters:
@@ -141,23 +145,26 @@ class Waiters:
                 watch = self._watched[tx_id]
             deadline = None if timeout is None else time.monotonic() + timeout
             read = not watched or self._heard_failed(watch)
+            latest: Outcome | None = None  # the newest version read
             while True:
                 if read:
-                    tx = self.journal.load(tx_id)
-                    if tx is None:
+                    with self._lock:
+                        heard_before = watch.heard
+                    latest = self.journal.load(tx_id)
+                    if latest is None:
                         raise TransactionNotFound(f"no transaction {tx_id} in the journal")
-                    if tx.is_final:
-                        return tx
-                    if self._forget_older_end(watch, tx):
-                        continue  # forgotten without knowing it older: read again
+                    if latest.is_final:
+                        return latest
+                    if not self._forget_older_end(watch, heard_before):
+                        continue  # an end heard during the read: read again
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 if not watch.ended.wait(remaining):
                     return None
                 with self._lock:
-                    heard = watch.outcome
-                if heard is not None:
-                    return heard
-                read = True  # heard without the transaction: read it
+                    outcome = watch.outcome
+                if outcome is not None and (latest is None or outcome.version > latest.version):
+                    return outcome
+                read = True  # heard without the transaction, or older than read: read it
         finally:
             if not watched:
                 self.unwatch(tx_id)
@@ -169,22 +176,20 @@ class Waiters:
             heard = watch.outcome
             return watch.ended.is_set() and (heard is None or heard.status is TxStatus.FAILED)
 
-    def _forget_older_end(self, watch: _Watch, read: Outcome) -> bool:
-        """Forget the end heard for ``watch`` unless it is newer than ``read`` (not
-        final): the transaction went on after it (an operator's retry of a
-        FAILED one), so that end is not the one to wait for. True when one was
-        forgotten without knowing its version (a notification without the
-        transaction, or a catch-up read): the caller reads again, since that may
-        have been a newer end heard after ``read``."""
+    def _forget_older_end(self, watch: _Watch, heard_before: int) -> bool:
+        """After a read that found the transaction not final: forget the end heard
+        for ``watch`` if it was heard before the read began (``heard_before``
+        ends heard then), since the transaction went on after it (an operator's
+        retry of a FAILED one). False, forgetting nothing, when an end was heard
+        since the read began: it may be newer than the read, so the caller reads
+        again. Never forgets an end another waiter has not seen past: only a
+        read that began after it may."""
         with self._lock:
-            if not watch.ended.is_set():
+            if watch.heard != heard_before:
                 return False
-            heard = watch.outcome
-            if heard is not None and heard.version > read.version:
-                return False  # a newer end, heard since the read: the one to return
             watch.ended.clear()
             watch.outcome = None
-            return heard is None
+            return True
 
     def _pending_ids(self) -> list[uuid.UUID]:
         """The watched transactions whose end was not heard yet."""
@@ -208,6 +213,7 @@ class Waiters:
             ):
                 return  # an older end, heard late
             watch.outcome = outcome
+            watch.heard += 1
             watch.ended.set()
 
     def _idle_ended(
