@@ -20,6 +20,7 @@ from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.store import Journal
 from celery_tx.store.observers import Write, observe
+from tests.conftest import truncate_journal
 
 TASK = "tests.apps.tasks.step"
 
@@ -167,7 +168,7 @@ def test_the_first_step_does_not_start_from_another_version(journal: Journal) ->
 
 
 @pytest.mark.postgres
-def test_two_racing_first_starts_start_the_step_once(journal: Journal) -> None:
+def test_two_racing_first_starts_start_the_step_once(postgres_url: str) -> None:
     """Two copies of the first step's statement at once (a duplicate delivery): the
     one that waited for the other's row lock finds the version moved on, and writes
     nothing; the step is started once, with one attempt."""
@@ -177,12 +178,12 @@ def test_two_racing_first_starts_start_the_step_once(journal: Journal) -> None:
 
     from celery_tx.store import postgres
 
-    if journal.engine.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL's row locks")
+    truncate_journal(postgres_url)
+    journal = Journal(postgres_url)
     tx = started(journal, first_running=False)
     values = {"id": tx.id, "version": tx.version, "position": 0, "name": "s0", "task": TASK}
     parameters = postgres.step_on_parameters(values, datetime.now(UTC))
-    url = journal.engine.url
+    url = journal.engine.url  # SQLAlchemy's parse of it, for psycopg
     dsn = {"host": url.host, "port": url.port or 5432, "user": url.username, "dbname": url.database}
     results: dict[str, object] = {}
     with psycopg.connect(**dsn) as first, psycopg.connect(**dsn, autocommit=True) as second:
@@ -201,6 +202,7 @@ def test_two_racing_first_starts_start_the_step_once(journal: Journal) -> None:
     assert results["first"][0] is not None
     assert results["second"] is None or results["second"][0] is None
     after = journal.load(tx.id)
+    journal.close()
     assert after is not None
     assert (after.steps[0].status, after.steps[0].attempts) == (StepStatus.RUNNING, 1)
     assert after.version == tx.version + 1
