@@ -24,7 +24,10 @@ processes, the project's ``celeryconfig.py``) and, against it, alternately:
 Each side's throughput is N / (time from the first send to the last completion),
 including everything the sending process does. Rounds alternate the sides so
 that a change in the machine's load hits all; the ratios printed are of the
-medians. ``--count-commits`` adds, per side at P = 4, the database's own count
+medians, and the line under them gives the range of each ratio taken round by
+round (its two sides ran in the same round, seconds apart): on a small shared
+machine one round's ratio can stray a tenth or more from the median.
+``--count-commits`` adds, per side at P = 4, the database's own count
 of committed transactions per transaction (``pg_stat_database.xact_commit``,
 reads while waiting included), after the server's statistics settle, and what a
 window as long counts with nothing sent (the workers' timed sweeps); and the
@@ -209,12 +212,22 @@ def run_sql_chains(app_module, n: int, participants: int) -> float:
 SIDES = {"chain": run_chains, "saga": run_sagas, "floor": run_floor, "chain/sql": run_sql_chains}
 
 
-def _medians(app_module, sides: list[str], n: int, participants: int, rounds: int) -> dict:
+def _rounds(
+    app_module, sides: list[str], n: int, participants: int, rounds: int
+) -> dict[str, list[float]]:
+    """Each side's throughput in each round; the sides alternate within a round."""
     rates: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(rounds):
         for side in sides:
             rates[side].append(SIDES[side](app_module, n, participants))
-    return {side: statistics.median(values) for side, values in rates.items()}
+    return rates
+
+
+def _spread(ours: list[float], theirs: list[float]) -> str:
+    """The lowest and highest of the per-round ratios ``ours / theirs``: how far
+    one round's ratio may stray from the median's on this machine."""
+    paired = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return f"{min(paired):.2f}-{max(paired):.2f}"
 
 
 def _server_commits(url: str) -> tuple[int, int]:
@@ -311,7 +324,8 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
             + " ".join(f"{label:>14}" for label, _, _ in ratios)
         )
         for participants in args.participants:
-            rates = _medians(app_module, sides, args.transactions, participants, args.rounds)
+            rounds = _rounds(app_module, sides, args.transactions, participants, args.rounds)
+            rates = {side: statistics.median(values) for side, values in rounds.items()}
             print(
                 f"{participants:>3} "
                 + " ".join(f"{rates[side]:>11.1f}" for side in sides)
@@ -319,6 +333,8 @@ def _measure(args: argparse.Namespace, env: dict[str, str], folder: Path, worker
                 + " ".join(f"{rates[a] / rates[b]:>14.2f}" for _, a, b in ratios),
                 flush=True,
             )
+            spreads = [f"{label} {_spread(rounds[a], rounds[b])}" for label, a, b in ratios]
+            print(f"{'':>3} each round's ratios, lowest-highest: " + ", ".join(spreads))
         if args.cpu:
             print("CPU ms per transaction, P=4, by process:")
             for side, ms in cpu_breakdown(app_module, sides, args.transactions, worker.pid).items():
