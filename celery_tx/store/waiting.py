@@ -28,7 +28,8 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -84,10 +85,18 @@ class Waiters:
         # by whoever takes it next.
         self._released: deque[uuid.UUID] = deque()
 
+    @contextmanager
+    def _holding(self) -> Iterator[None]:
+        """The lock, the watches finalizers gave up since (``release_later``) undone
+        first: whoever takes the lock next does it."""
+        with self._lock:
+            while self._released:
+                self._unwatch_locked(self._released.popleft())
+            yield
+
     def watch(self, tx_id: uuid.UUID) -> None:
         """Hear the end of ``tx_id`` from now on, until as many ``unwatch``."""
-        with self._lock:
-            self._drain_released()
+        with self._holding():
             watch = self._watched.get(tx_id)
             if watch is None:
                 watch = self._watched[tx_id] = _Watch()
@@ -102,8 +111,7 @@ class Waiters:
 
     def unwatch(self, tx_id: uuid.UUID) -> None:
         """Undo one ``watch``."""
-        with self._lock:
-            self._drain_released()
+        with self._holding():
             self._unwatch_locked(tx_id)
 
     def release_later(self, tx_id: uuid.UUID) -> None:
@@ -112,10 +120,6 @@ class Waiters:
         lock is not reentrant, and the collector runs wherever an allocation
         triggers it, such as inside ``watch``). The next taker of the lock does it."""
         self._released.append(tx_id)  # deque.append is atomic and takes no lock
-
-    def _drain_released(self) -> None:
-        while self._released:
-            self._unwatch_locked(self._released.popleft())
 
     def _unwatch_locked(self, tx_id: uuid.UUID) -> None:
         watch = self._watched.get(tx_id)
@@ -141,14 +145,14 @@ class Waiters:
         if not watched:
             self.watch(tx_id)
         try:
-            with self._lock:
+            with self._holding():
                 watch = self._watched[tx_id]
             deadline = None if timeout is None else time.monotonic() + timeout
             read = not watched or self._heard_failed(watch)
             latest: Outcome | None = None  # the newest version read
             while True:
                 if read:
-                    with self._lock:
+                    with self._holding():
                         heard_before = watch.heard
                     latest = self.journal.load(tx_id)
                     if latest is None:
@@ -160,7 +164,7 @@ class Waiters:
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 if not watch.ended.wait(remaining):
                     return None
-                with self._lock:
+                with self._holding():
                     outcome = watch.outcome
                 if outcome is not None and (latest is None or outcome.version > latest.version):
                     return outcome
@@ -172,7 +176,7 @@ class Waiters:
     def _heard_failed(self, watch: _Watch) -> bool:
         """Whether the end heard already is FAILED: an operator may have retried it
         since (the only end that can be), so the journal must say."""
-        with self._lock:
+        with self._holding():
             heard = watch.outcome
             return watch.ended.is_set() and (heard is None or heard.status is TxStatus.FAILED)
 
@@ -184,7 +188,7 @@ class Waiters:
         since the read began: it may be newer than the read, so the caller reads
         again. Never forgets an end another waiter has not seen past: only a
         read that began after it may."""
-        with self._lock:
+        with self._holding():
             if watch.heard != heard_before:
                 return False
             watch.ended.clear()
@@ -193,14 +197,13 @@ class Waiters:
 
     def _pending_ids(self) -> list[uuid.UUID]:
         """The watched transactions whose end was not heard yet."""
-        with self._lock:
-            self._drain_released()
+        with self._holding():
             return [tx_id for tx_id, watch in self._watched.items() if not watch.ended.is_set()]
 
     def _ended(self, tx_id: uuid.UUID, outcome: Outcome | None) -> None:
         """Wake the waiters of ``tx_id``: it ended as ``outcome`` (None: read it).
         A later end (a retried transaction's) replaces an earlier one."""
-        with self._lock:
+        with self._holding():
             watch = self._watched.get(tx_id)
             if watch is None:
                 return
@@ -221,8 +224,7 @@ class Waiters:
     ) -> tuple[bool, float | None]:
         """(whether the thread should end now, since when nothing is watched): it
         ends once nothing was watched for ``linger`` seconds."""
-        with self._lock:
-            self._drain_released()
+        with self._holding():
             if self._watched:
                 return False, None
             now = time.monotonic()
@@ -298,7 +300,7 @@ class Waiters:
         """A notification: ``<id>`` or ``<id> <TX_JSON>``. Every process's listener
         hears every transaction end; only a watched one's payload is parsed."""
         tx_id = uuid.UUID(payload[:_ID_LENGTH])
-        with self._lock:
+        with self._holding():
             if tx_id not in self._watched:
                 return
         self._ended(tx_id, _carried_outcome(payload[_ID_LENGTH + 1 :]))

@@ -37,22 +37,24 @@ STEP_FAILED = "celery_tx.step_failed"
 def action_signatures(app: Any, tx: Outcome, start: int = 0) -> list[Signature]:
     """The signatures of the actions from ``start`` on, in order: each after the
     first takes what the one before returns (``messages.Carried``), so that its
-    worker journals both steps in one write. Refuses a step naming a
-    non-participant."""
+    worker journals both steps in one write; the first carries ``tx``'s version,
+    from which alone its worker starts it (``Journal.start_first``). Refuses a
+    step naming a non-participant."""
     return [
-        messages.build_signature(app, tx, position, "action", carried=position > start)
+        messages.build_signature(
+            app,
+            tx,
+            position,
+            "action",
+            carried=position > start,
+            version=tx.version if position == start else None,
+        )
         for position in range(start, len(tx.steps))
     ]
 
 
 def send_actions(app: Any, tx: Outcome, signatures: list[Signature]) -> None:
-    """Send the chain of actions of a RUNNING transaction, its errback on every step.
-
-    The first action carries ``tx``'s version: its worker starts it only if the
-    journal is still there (``Journal.start_first``), else reads and decides.
-    """
-    if signatures and not signatures[0].kwargs.get(messages.TX_CARRIED):
-        signatures[0].kwargs[messages.TX_VERSION] = tx.version
+    """Send the chain of actions of a RUNNING transaction, its errback on every step."""
     # chain(*sigs) and link_error last: options and errbacks have been lost with
     # `|` (celery#6442, #4763).
     flow = chain(*signatures, app=app)

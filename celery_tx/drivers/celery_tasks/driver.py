@@ -116,13 +116,13 @@ class CeleryDriver:
         """Journal the transaction RUNNING (flushed), once its chain can be built."""
         app = self._app_for(tx)
         tr.require_pending(tx, "commit")
-        # Built first: a step naming a task that is not a participant here stops
-        # the commit before anything is journaled.
-        signatures = dispatch.action_signatures(app, tx)
         # The first step stays PENDING until its worker journals it RUNNING: if
         # the chain cannot be sent, nothing has started and the rollback is
         # complete at once.
         started = tr.start_commit(tx, self.journal.clock())
+        # Built before the write: a step naming a task that is not a participant
+        # here stops the commit before anything is journaled.
+        signatures = dispatch.action_signatures(app, started)
         # Where the journal notifies ends (PostgreSQL), its end is heard from
         # before it can happen: the handle then waits without reading.
         waiters = waiters_for(self.journal)

@@ -193,10 +193,17 @@ def task_id(tx_id: uuid.UUID, position: int, phase: Phase) -> str:
 
 
 def build_signature(
-    app: Any, tx: Outcome, position: int, phase: Phase, *, carried: bool = False
+    app: Any,
+    tx: Outcome,
+    position: int,
+    phase: Phase,
+    *,
+    carried: bool = False,
+    version: int | None = None,
 ) -> Signature:
     """The signature that runs ``phase`` of step ``position``: immutable, or, when
-    ``carried``, taking the previous action's ``Carried`` as its first argument.
+    ``carried``, taking the previous action's ``Carried`` as its first argument;
+    ``version``: the journal version its chain is sent from (a chain's first action).
 
     Refuses a journaled task name that is not a declared participant of that
     phase in this process: a journal row must not be able to run arbitrary tasks.
@@ -213,6 +220,8 @@ def build_signature(
     kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
     if carried:
         kwargs[TX_CARRIED] = True
+    if version is not None:
+        kwargs[TX_VERSION] = version
     options = {**description.get("options", {}), "task_id": task_id(tx.id, position, phase)}
     return Signature(
         description["task"], args, kwargs, options=options, immutable=not carried, app=app
