@@ -81,6 +81,10 @@ class Outcome:
     """When it must be final by, from ``begin_transaction(timeout=...)``."""
     driver: str = "local"
     """Which driver runs its participants: "local" (in-process) or "celery"."""
+    owner: str | None = None
+    """The owner (a process with a lease in the journal) running it: the process of
+    an in-process transaction; for a Celery one the worker process that last
+    started one of its steps (None while its next message waits in a queue)."""
     version: int = field(default=0, compare=False)
     """The row's compare-and-set version."""
 

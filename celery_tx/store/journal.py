@@ -125,15 +125,13 @@ class Journal(Database):
         return tx
 
     def _insert(self, tx: Outcome, *, durable: bool) -> None:
-        updated_at = self.clock()
         if self._one_statement:
-            parameters = postgres.create_parameters(tx, updated_at)
+            parameters = postgres.create_parameters(tx)
             self._scalar(postgres.CREATE, parameters, write=True, durable=durable)
             return None
 
         def statements(conn: sql.Executor) -> None:
-            row = {**rows.tx_to_row(tx), "updated_at": updated_at}
-            self._prepared.execute(conn, sql.INSERT_TX, row)
+            self._prepared.execute(conn, sql.INSERT_TX, rows.tx_to_row(tx))
             if tx.steps:
                 self._prepared.execute(
                     conn, sql.INSERT_STEPS, [rows.step_to_row(tx.id, s) for s in tx.steps]
@@ -150,6 +148,7 @@ class Journal(Database):
         result: Any,
         name: str,
         task: str,
+        owner: str | None = None,
     ) -> Outcome | None:
         """One conditional write, no read before it: step ``previous`` DONE with
         ``result`` and the next one (``name``, running ``task``) RUNNING, one more
@@ -158,7 +157,8 @@ class Journal(Database):
 
         Returns the transaction as written (the next step's worker needs no
         read), or None when any condition does not hold: nothing is written,
-        and the caller reads the journal to learn why.
+        and the caller reads the journal to learn why. ``owner``: the worker
+        process that runs the next step (``celery_tx.leases``).
         """
         values = {
             "id": tx_id,
@@ -168,11 +168,12 @@ class Journal(Database):
             "name": name,
             "task": task,
             "result": result,
+            "owner": owner,
         }
         return self._conditional_start(values, postgres.STEP_ON, sql.SQLITE_STEP_ON)
 
     def start_first(
-        self, tx_id: uuid.UUID, *, version: int, name: str, task: str
+        self, tx_id: uuid.UUID, *, version: int, name: str, task: str, owner: str | None = None
     ) -> Outcome | None:
         """One conditional write, no read before it: the first step (``name``,
         running ``task``) RUNNING, one more attempt, only if the transaction is
@@ -186,7 +187,14 @@ class Journal(Database):
 
         Returns the transaction as written, or None (nothing written) otherwise.
         """
-        values = {"id": tx_id, "version": version, "position": 0, "name": name, "task": task}
+        values = {
+            "id": tx_id,
+            "version": version,
+            "position": 0,
+            "name": name,
+            "task": task,
+            "owner": owner,
+        }
         return self._conditional_start(values, postgres.START_FIRST, sql.SQLITE_START_FIRST)
 
     def _conditional_start(
@@ -245,9 +253,9 @@ class Journal(Database):
         ]
         if not (changes or added or changed):
             return after
-        # Not part of the snapshot (two writers' snapshots stay comparable): the
-        # journal's own record of progress, which the sweeps read.
-        changes["updated_at"] = self.clock()
+        # The journal's own record of progress, which the sweeps read, is not
+        # part of the snapshot (two writers' snapshots stay comparable): every
+        # write stamps it with the database's time in the statement.
         version = before.version + 1
         if self._one_statement:
             return self._save_in_one_statement(

@@ -68,11 +68,13 @@ def _values(columns: Sequence[str]) -> str:
 
 CREATE = (
     "WITH created AS (INSERT INTO celery_tx_transactions SELECT * FROM"
-    " json_populate_record(NULL::celery_tx_transactions, CAST(%(tx)s AS json)) RETURNING id)"
+    " jsonb_populate_record(NULL::celery_tx_transactions,"
+    " CAST(%(tx)s AS jsonb) || jsonb_build_object('updated_at', now())) RETURNING id)"
     f" INSERT INTO celery_tx_steps SELECT {_values(_STEP_COLUMNS)}"
     f" FROM created, {_step_rows('steps', _STEP_COLUMNS)}"
 )
-"""A transaction and its steps, inserted in one statement."""
+"""A transaction and its steps, inserted in one statement; its ``updated_at`` is
+the database's time (``schema.DbNow``)."""
 
 LOAD = (
     "SELECT "
@@ -82,10 +84,10 @@ LOAD = (
 """A transaction and its steps, as one JSON value (one snapshot of both tables)."""
 
 
-def create_parameters(tx: Outcome, updated_at: datetime) -> dict[str, str]:
+def create_parameters(tx: Outcome) -> dict[str, str]:
     """``CREATE``'s parameters: the rows of ``tx`` and of its steps, as JSON."""
     return {
-        "tx": _json({**rows.tx_to_row(tx), "updated_at": updated_at}),
+        "tx": _json(rows.tx_to_row(tx)),
         "steps": _json([_json_text(rows.step_to_row(tx.id, step)) for step in tx.steps]),
     }
 
@@ -110,7 +112,8 @@ def save(tx_columns: tuple[str, ...], changed: bool, added: bool) -> str:
     transaction's columns the write sets, each a parameter of that name."""
     sets = "".join(f", {column} = %({column})s" for column in tx_columns)
     parts = [
-        "WITH cas AS (UPDATE celery_tx_transactions SET version = %(new_version)s" + sets + ""
+        "WITH cas AS (UPDATE celery_tx_transactions"
+        " SET version = %(new_version)s, updated_at = now()" + sets + ""
         " WHERE id = %(id)s AND version = %(version)s RETURNING id)"
     ]
     if changed:
@@ -176,9 +179,9 @@ def _step_on(first: bool) -> str:
     untouched = "%(position)s" if first else "%(position)s, %(previous)s"
     return (
         "WITH cas AS (UPDATE celery_tx_transactions"
-        " SET version = version + 1, updated_at = %(now)s"
+        " SET version = version + 1, updated_at = now(), owner = %(owner)s"
         " WHERE id = %(id)s AND status = 'RUNNING'"
-        " AND (deadline_at IS NULL OR deadline_at > %(now)s) AND version = %(version)s"
+        " AND (deadline_at IS NULL OR deadline_at > now()) AND version = %(version)s"
         + previous
         + " AND EXISTS"
         " (SELECT FROM celery_tx_steps WHERE tx_id = %(id)s AND position = %(position)s"

@@ -20,6 +20,7 @@ TX_COLUMNS = (
     "created_at",
     "started_at",
     "finished_at",
+    "owner",
 )
 """Transaction columns that map one-to-one to ``Outcome`` attributes."""
 
@@ -41,7 +42,8 @@ STEP_MUTABLE_COLUMNS = (
 def tx_to_row(tx: Outcome) -> dict[str, Any]:
     """The transaction row for ``tx`` (without its steps)."""
     row = {column: getattr(tx, column) for column in TX_COLUMNS}
-    row.update(id=tx.id, version=tx.version, deadline_at=tx.deadline, updated_at=tx.created_at)
+    # ``updated_at`` is the database's time, set by the statement.
+    row.update(id=tx.id, version=tx.version, deadline_at=tx.deadline)
     return row
 
 
@@ -94,6 +96,7 @@ def tx_from_rows(row: Mapping[str, Any], step_rows: Sequence[Mapping[str, Any]])
         finished_at=row["finished_at"],
         deadline=row["deadline_at"],
         driver=row["driver"],
+        owner=row.get("owner"),
         version=row["version"],
     )
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from celery_tx.core.errors import SchemaVersionError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The version of the tables below; bump it and add a migration to change them."""
 
 FINAL_CHANNEL = "celery_tx_final"
@@ -132,12 +134,23 @@ def leave_room_for_updates(conn: Connection) -> None:
 _FILLFACTOR = 70
 
 
+def _add_owners(conn: Connection) -> None:
+    """Version 6 -> 7: each transaction names its owner (``owner``); the owners'
+    leases are in ``celery_tx_owners`` (created with the other tables)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns("celery_tx_transactions")}
+    if "owner" in present:  # a journal turned back to an older version by hand
+        return
+    type_ = transactions.c.owner.type.compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE celery_tx_transactions ADD COLUMN owner {type_}"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _add_progress_columns,
     2: _name_the_celery_driver,
     3: notify_when_final,
     4: notify_when_final,
     5: leave_room_for_updates,
+    6: _add_owners,
 }
 """``MIGRATIONS[n]`` upgrades a journal from schema version n to n + 1."""
 
@@ -165,6 +178,44 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)  # type: ignore[no-any-return]
 
 
+class DbNow(sa.sql.expression.FunctionElement[datetime]):
+    """The database's current time plus ``offset`` seconds, in the statement.
+
+    Leases, stalls and deadlines are compared with it (and the journal's own
+    record of progress, ``updated_at``, is stamped with it), never with a
+    process's clock: two hosts whose clocks differ then agree on what is late.
+    PostgreSQL: ``now()``, the statement's transaction's start. SQLite: the
+    time of the process running the statement (SQLite is one host's file),
+    written as ``UTCDateTime`` stores it there.
+    """
+
+    type = UTCDateTime()
+    name = "celery_tx_db_now"
+    inherit_cache = True
+
+    def __init__(self, offset: float | sa.ColumnElement[float] = 0.0) -> None:
+        if not isinstance(offset, sa.ColumnElement):
+            # Written into the SQL, not bound: the journal's prepared writes
+            # bind only the parameters their callers name.
+            offset = sa.literal_column(repr(float(offset)))
+        super().__init__(offset)
+
+
+@compiles(DbNow, "postgresql")
+def _db_now_postgresql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"(now() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(DbNow)
+def _db_now_sqlite(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    # Microseconds, as SQLAlchemy writes the column's values: compared as text.
+    return (
+        "(strftime('%Y-%m-%d %H:%M:%f', 'now', "
+        f"printf('%+.6f seconds', {seconds})) || '000')"
+    )
+
+
 class SQLiteJSONText(sa.TypeDecorator[Any]):
     """JSON kept as TEXT on SQLite.
 
@@ -183,6 +234,8 @@ class SQLiteJSONText(sa.TypeDecorator[Any]):
         # Rows written while the column was declared JSON may hold a number.
         return json.loads(value) if isinstance(value, str) else value
 
+
+_OWNER_ID_LENGTH = 200
 
 metadata = sa.MetaData()
 
@@ -207,6 +260,12 @@ transactions = sa.Table(
     sa.Column("updated_at", UTCDateTime),
     # A sweep's lease on the row: other sweeps leave it alone until then.
     sa.Column("claimed_until", UTCDateTime),
+    # Who runs it (``celery_tx_owners.id``): the process of an in-process
+    # transaction; for a Celery one the worker process that last started a step
+    # of it (NULL while its next message waits in a queue). Not a foreign key:
+    # an owner's row may be pruned long after it died; a missing owner is a dead
+    # one. Not indexed, so the steps' writes that set it stay HOT updates.
+    sa.Column("owner", sa.String(_OWNER_ID_LENGTH)),
     sa.Index("ix_celery_tx_transactions_status", "status", "created_at"),
     sa.Index("ix_celery_tx_transactions_created", "created_at"),
 )
@@ -236,6 +295,22 @@ steps = sa.Table(
     sa.Column("compensation_started_at", UTCDateTime),
     sa.Column("compensation_finished_at", UTCDateTime),
     sa.UniqueConstraint("tx_id", "name", name="uq_celery_tx_steps_name"),
+)
+
+owners = sa.Table(
+    "celery_tx_owners",
+    metadata,
+    sa.Column("id", sa.String(_OWNER_ID_LENGTH), primary_key=True),
+    # Where it runs: a restarted process on the same host may see its pid gone.
+    sa.Column("host", sa.String(300), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    # The database's time (never a process's) until which the owner is alive;
+    # its heartbeat moves it on.
+    sa.Column("lease_until", UTCDateTime, nullable=False),
+    # Stopped cleanly with nothing of any transaction running: what it started
+    # is left to the rules for queued steps, not taken over.
+    sa.Column("released", sa.Boolean, nullable=False, default=False),
 )
 
 schema_version = sa.Table(

@@ -22,7 +22,8 @@ from celery_tx.store import schema
 _t = schema.transactions
 _s = schema.steps
 
-INSERT_TX = _t.insert()
+# The journal's own record of progress is the database's time (``schema.DbNow``).
+INSERT_TX = _t.insert().values(updated_at=schema.DbNow())
 INSERT_STEPS = _s.insert()
 UPDATE_STEP = (
     sa.update(_s)
@@ -31,8 +32,10 @@ UPDATE_STEP = (
 )
 # The compare-and-set every write starts with; the SET clause comes from the
 # parameters' keys.
-CAS_TX = sa.update(_t).where(
-    _t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version")
+CAS_TX = (
+    sa.update(_t)
+    .where(_t.c.id == sa.bindparam("b_id"), _t.c.version == sa.bindparam("b_version"))
+    .values(updated_at=schema.DbNow())
 )
 # A transaction and its steps in one statement: one round trip, and one
 # snapshot of both tables on every database without a read transaction.
@@ -129,11 +132,10 @@ def _step_on_tx_conditions() -> list[sa.ColumnElement[bool]]:
     """The transaction RUNNING, not past its deadline, and at the version the
     message carried: where the previous step's worker left it, or, for the first
     step, where the commit that sent the chain left it."""
-    now = sa.bindparam("now", type_=_t.c.updated_at.type)
     return [
         _t.c.id == sa.bindparam("b_id", type_=_t.c.id.type),
         _t.c.status == "RUNNING",
-        sa.or_(_t.c.deadline_at.is_(None), _t.c.deadline_at > now),
+        sa.or_(_t.c.deadline_at.is_(None), _t.c.deadline_at > schema.DbNow()),
         _t.c.version == sa.bindparam("b_version"),
     ]
 
@@ -170,7 +172,8 @@ def _started_values() -> dict[str, Any]:
 def _tx_values() -> dict[str, Any]:
     return {
         "version": _t.c.version + 1,
-        "updated_at": sa.bindparam("now", type_=_t.c.updated_at.type),
+        "updated_at": schema.DbNow(),
+        "owner": sa.bindparam("b_owner", type_=_t.c.owner.type),
     }
 
 
