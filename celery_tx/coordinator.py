@@ -19,7 +19,7 @@ from typing import Any
 from celery.canvas import Signature
 from sqlalchemy.engine import URL
 
-from celery_tx import arguments, metrics
+from celery_tx import arguments, leases, metrics
 from celery_tx.arguments import check_timeout
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core import stats as tx_stats
@@ -57,10 +57,18 @@ class TransactionCoordinator:
     database, and its workers sweep it. ``rollback_retry`` is the default policy
     for retrying an in-process rollback function that raises.
     ``default_timeout`` (seconds, or the app's ``celery_tx_default_timeout``) is
-    the deadline of transactions begun without one. ``clock`` is where every
-    time this coordinator records or compares comes from (the coordinators of
-    one app share its journal and so its clock), and ``sleep`` how it waits
-    between retries: both exist for tests that must not wait.
+    the deadline of transactions begun without one. ``clock`` is where the
+    times this coordinator records come from (the coordinators of one app
+    share its journal and so its clock); what is late or stalled is decided by
+    the database's clock, which every process shares. ``sleep`` is how it
+    waits between retries: both exist for tests that must not wait.
+
+    A process that runs in-process transactions owns them: it holds a lease in
+    the journal, renewed every ``heartbeat_interval`` seconds (default: the
+    app's ``celery_tx_heartbeat_interval``, else 5) and lasting ``lease``
+    seconds (``celery_tx_lease``, else 15). If it dies, any other process's
+    ``recover()`` takes its transactions over once the lease lapses, or at once
+    on the same host (its pid is gone); while it lives, nobody else runs them.
 
     Every method is safe to call from many threads, and several coordinators in
     several processes may share one journal: each journal write is a
@@ -76,9 +84,12 @@ class TransactionCoordinator:
         default_timeout: float | None = None,
         clock: Clock = utc_now,
         sleep: Callable[[float], None] = time.sleep,
+        heartbeat_interval: float | None = None,
+        lease: float | None = None,
     ) -> None:
         if app is not None and not hasattr(app, "send_task"):
             raise InvalidArgument(f"app must be a Celery app, got {app!r}")
+        lease_settings = binding.lease_settings(app, heartbeat_interval, lease)
         if default_timeout is None and app is not None:
             default_timeout = app.conf.get("celery_tx_default_timeout")
         check_timeout(default_timeout, "default_timeout")
@@ -92,6 +103,7 @@ class TransactionCoordinator:
             if app is not None
             else Journal(database_url, clock=clock)
         )
+        leases.configure(self._journal, lease_settings)
         self._local = LocalDriver(self._journal, retry=rollback_retry or RetryPolicy(), sleep=sleep)
         # Signatures can be registered without an app, not committed.
         self._drivers = Drivers(CeleryDriver(self._journal, app), self._local)
@@ -117,9 +129,12 @@ class TransactionCoordinator:
         return self._journal
 
     def close(self) -> None:
-        """Stop the background sweeps, if started, and release the journal's connections."""
+        """Stop the background sweeps, if started, end this process's lease (what it
+        still runs is taken over by others at once), and release the journal's
+        connections."""
         if self._sweeping is not None:
             self._sweeping.set()
+        leases.stop(self._journal)
         self._journal.close()
 
     def __enter__(self) -> TransactionCoordinator:

@@ -102,6 +102,21 @@ class Driver(Protocol):
     def forget(self, tx_id: uuid.UUID) -> None:
         """Drop what this process holds for a transaction that ended."""
 
+    def owner(self) -> str | None:
+        """The owner (``celery_tx.leases``) a transaction journals when this process
+        takes it up: this process, if it runs the participants itself; None if
+        it sends them to be run elsewhere (a worker journals itself)."""
+
+
+def owned_by(owner: str | None, event: Event) -> Event:
+    """``event``, the transaction then owned by ``owner`` (taking it up)."""
+
+    def owned(tx: Outcome) -> Outcome:
+        after = event(tx)
+        return after if after.owner == owner or after.is_final else evolve(after, owner=owner)
+
+    return owned
+
 
 class Drivers:
     """The drivers of one process, by kind, in the order they are offered a

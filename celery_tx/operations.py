@@ -16,9 +16,9 @@ from collections.abc import Callable
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
 from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, evolve
 from celery_tx.core.status import TxStatus
-from celery_tx.driver import Drivers, start_rollback
+from celery_tx.driver import Drivers, owned_by, start_rollback
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal, queries
 from celery_tx.sweeps import Sweeper, SweepReport
@@ -59,7 +59,7 @@ class Operations:
         return start_rollback(
             self.journal,
             tx,
-            lambda t: tr.retry_failed(t, self.journal.clock()),
+            owned_by(driver.owner(), lambda t: tr.retry_failed(t, self.journal.clock())),
             compensate,
             durable=True,
             cause=Cause.RETRIED,
@@ -77,15 +77,20 @@ class Operations:
         return self.journal.get(tx.id)
 
     def _require_stalled(self, tx: Outcome) -> None:
-        last = queries.last_write(self.journal, tx.id)
-        quiet = (self.journal.clock() - last).total_seconds() if last is not None else math.inf
+        """Refuse to resume a transaction that is going on: its owner's lease holds
+        and it showed a sign of life within ``stalled_after`` (by the database's
+        clock)."""
+        progress = queries.quiet_for(self.journal, tx.id)
+        quiet, held = progress if progress is not None else (math.inf, False)
+        orphaned = tx.owner is not None and not held
         stalled_after = self.stalled_after()
-        if quiet < stalled_after:
+        if not orphaned and quiet < stalled_after:
             raise TransactionStateError(
-                f"transaction {tx.id} is {tx.status} and still making progress: its journal "
-                f"changed {quiet:.0f} s ago (stalled after {stalled_after:g} s); retry it "
-                "once it stalls, or force it (celery tx retry --force), which may run a step "
-                "twice at once",
+                f"transaction {tx.id} is {tx.status} and still making progress: its last "
+                f"sign of life was {quiet:.0f} s ago (stalled after {stalled_after:g} s)"
+                + (f", and its owner {tx.owner} holds its lease" if held else "")
+                + "; retry it once it stalls, or force it (celery tx retry --force), which "
+                "may run a step twice at once",
                 status=tx.status,
             )
 
@@ -123,7 +128,9 @@ class Operations:
             # committed meanwhile must have compensations this process can run.
             self.drivers.of(current).check(current, strict=True)
             running = tr.running_step_name(current)
-            return tr.begin_compensation(current, now, failed_step=running, error=reason)
+            aborted = tr.begin_compensation(current, now, failed_step=running, error=reason)
+            # Compensated from here on: this process (or its workers) owns it now.
+            return evolve(aborted, owner=self.drivers.of(current).owner())
 
         def compensate(t: Outcome) -> Outcome:
             return self.drivers.of(t).compensate(t)

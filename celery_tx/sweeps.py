@@ -30,20 +30,26 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from celery_tx import leases
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
-from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
+from celery_tx.core.errors import (
+    JournalUnavailable,
+    ParticipantNotResolvable,
+    TransactionStateError,
+)
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.driver import Driver, Drivers, Event, start_rollback
+from celery_tx.driver import Driver, Drivers, Event, owned_by, start_rollback
 from celery_tx.logs import tx_extra
 from celery_tx.pending import for_journal
-from celery_tx.store import Journal, candidates
+from celery_tx.store import Journal, candidates, owners
 
 logger = logging.getLogger("celery_tx.recovery")  # the name logging configs know
 
@@ -51,6 +57,7 @@ DEFAULT_STALLED_AFTER = 300.0
 """Seconds without a journal write after which a transaction counts as stalled."""
 _LEASE = 60.0
 _BATCH = 100
+_PRUNE_EVERY = 3600.0
 
 
 @dataclass
@@ -97,6 +104,8 @@ class Sweeper:
         self.step_limit = step_limit
         self.pending = for_journal(journal)
         """This process's PENDING transactions of the journal: only it can reap them."""
+        self._doubted_until = 0.0
+        self._prune_at = 0.0
 
     def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
         """Reap, then (``overtime``) roll back steps past their time limit, then recover."""
@@ -116,7 +125,7 @@ class Sweeper:
             drivers=self.drivers.available_kinds(),
             lease=_LEASE,
             limit=limit,
-            deadline_before=self.journal.clock(),
+            past_deadline=True,
         ):
             self._guarded(tx_id, report, self._reap_one)
         return report
@@ -176,7 +185,9 @@ class Sweeper:
     def _reap_one(self, tx: Outcome, report: SweepReport) -> None:
         if self._driver(tx) is None:
             return
-        if tx.deadline is None or tx.deadline >= self.journal.clock() or tx.status.is_final:
+        # Past its deadline by the database's clock (the claim compared them):
+        # this process's clock may be off.
+        if tx.deadline is None or tx.status.is_final:
             return
         reason = f"deadline {tx.deadline.isoformat()} passed"
         if tx.status is TxStatus.PENDING:  # journaled PENDING by an earlier version
@@ -209,10 +220,11 @@ class Sweeper:
                 _left_for_later(t.id, report, exc)
             return t
 
+        owner = self.drivers.of(tx).owner()
         start_rollback(
             self.journal,
             tx,
-            _unchanged(tx, abort),
+            _unchanged(tx, owned_by(owner, abort)),
             compensate,
             durable=True,
             cause=Cause.ROLLED_BACK,
@@ -225,18 +237,50 @@ class Sweeper:
     def recover(
         self, stalled_after: float = DEFAULT_STALLED_AFTER, limit: int = _BATCH
     ) -> SweepReport:
-        """Resume the transactions without a journal write for ``stalled_after`` seconds."""
+        """Take over the transactions whose owner died, at once, and resume those
+        without a sign of life (a write, or a heartbeat of an owner running
+        them) for ``stalled_after`` seconds: a message lost with a broker.
+
+        An owner is dead when its lease lapsed by the database's clock, or, on
+        this host, when its process is gone (``leases.dead_on_this_host``).
+        """
         report = SweepReport()
-        for tx_id in candidates.claim(
-            self.journal,
-            statuses=(TxStatus.RUNNING, TxStatus.COMPENSATING),
-            drivers=self.drivers.available_kinds(),
-            lease=_LEASE,
-            limit=limit,
-            updated_before=self.journal.clock() - timedelta(seconds=stalled_after),
-        ):
+        try:
+            leases.dead_on_this_host(self.journal)
+            self._prune_owners()
+            claimed = candidates.claim(
+                self.journal,
+                statuses=(TxStatus.RUNNING, TxStatus.COMPENSATING),
+                drivers=self.drivers.available_kinds(),
+                lease=_LEASE,
+                limit=limit,
+                stalled_after=stalled_after,
+                orphaned=self._trusts_leases(),
+            )
+        except JournalUnavailable:
+            self._doubt_leases()
+            raise
+        for tx_id in claimed:
             self._guarded(tx_id, report, self.resume)
         return report
+
+    def _doubt_leases(self) -> None:
+        """The journal was unreachable from here: probably from the owners too, whose
+        heartbeats could not land. Their leases lapsed without their dying, so a
+        lapsed lease proves nothing until they have had a lease's time to renew."""
+        settings = leases.settings_of(self.journal)
+        self._doubted_until = time.monotonic() + settings.lease + settings.interval
+
+    def _trusts_leases(self) -> bool:
+        return time.monotonic() >= self._doubted_until
+
+    def _prune_owners(self) -> None:
+        """Delete long-dead owners' rows, once an hour at most."""
+        now = time.monotonic()
+        if now < self._prune_at:
+            return
+        self._prune_at = now + _PRUNE_EVERY
+        owners.prune(self.journal, leases.PRUNE_AFTER)
 
     def resume(self, tx: Outcome, report: SweepReport, cause: Cause = Cause.RESUMED) -> None:
         """Take up a RUNNING or COMPENSATING transaction where the journal says,
@@ -248,16 +292,26 @@ class Sweeper:
             if not self._runnable(driver, tx, report):
                 return  # abandoned before anything is journaled as resumed
             position = tr.resume_point(tx)
-            # Journaled before anything runs again: an attempt more, and the write
-            # only one sweep wins.
-            start = _unchanged(tx, lambda t: tr.start_action(t, position, self.journal.clock()))
+            # Journaled before anything runs again: an attempt more, the owner
+            # that takes it up, and the write only one sweep wins.
+            start = _unchanged(
+                tx,
+                owned_by(
+                    driver.owner(), lambda t: tr.start_action(t, position, self.journal.clock())
+                ),
+            )
             tx = self.journal.apply(tx, start, cause=cause)
             report.resumed.append(tx.id)
             name = tx.steps[position].name
             logger.warning("resuming the actions at %r", name, extra=tx_extra(tx.id))
             driver.resume(tx, position)
         elif tx.status is TxStatus.COMPENSATING:
-            resume = _unchanged(tx, lambda t: tr.resume_compensations(t, self.journal.clock()))
+            resume = _unchanged(
+                tx,
+                owned_by(
+                    driver.owner(), lambda t: tr.resume_compensations(t, self.journal.clock())
+                ),
+            )
             tx = self.journal.apply(tx, resume, cause=cause)
             report.resumed.append(tx.id)
             logger.warning("resuming the compensations", extra=tx_extra(tx.id))

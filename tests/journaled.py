@@ -13,8 +13,19 @@ from datetime import datetime
 
 from celery_tx import TransactionCoordinator
 from celery_tx.core import transitions as tr
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, evolve
 from celery_tx.core.status import TxStatus
+from celery_tx.store import Journal, owners
+
+
+def other_owner(journal: Journal, *, alive: bool) -> str:
+    """Journal an owner of another host, as a process there would: its lease
+    holding (``alive``) or lapsed (it died: killed, its host lost)."""
+    owner = f"elsewhere:4242:{uuid.uuid4().hex[:8]}"
+    owners.register(journal, owner, host="a-host-of-its-own", pid=4242, lease=3600)
+    if not alive:
+        owners.expire(journal, [owner])
+    return owner
 
 
 def journal_started(
@@ -23,17 +34,20 @@ def journal_started(
     now: datetime | None = None,
     *,
     first_step_running: bool = True,
+    owner: str | None = None,
 ) -> Outcome:
     """Journal the coordinator's PENDING ``tx_id`` as its commit does, and run nothing:
     RUNNING, its first step RUNNING (the in-process driver's commit; the Celery
-    driver's leaves it PENDING: ``first_step_running=False``). The process holds
-    no callables for it afterwards, as a process that died right after the write."""
+    driver's leaves it PENDING: ``first_step_running=False``), owned by ``owner``
+    (None: as celery-tx before owners journaled it). The process holds no
+    callables for it afterwards, as a process that died right after the write."""
     journal = coordinator.journal
     with coordinator._pending.ending(journal, tx_id, "commit") as entry:
         now = now or journal.clock()
         started = tr.start_commit(entry.tx, now)
         if first_step_running and started.status is TxStatus.RUNNING:
             started = tr.start_action(started, 0, now)
+        started = evolve(started, owner=owner)
         return journal.create(started, durable=True, before=entry.tx)
 
 

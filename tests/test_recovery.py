@@ -1,8 +1,10 @@
-"""The sweeps in-process: deadlines reaped, stalled transactions resumed, failed ones retried.
+"""The sweeps in-process: deadlines reaped, orphaned and stalled transactions
+resumed, failed ones retried.
 
 A transaction is put in the state a crash leaves (RUNNING with a step of unknown
 outcome, COMPENSATING half-way) by writing the journal the way the dead process
-had, then a new coordinator, with its clock moved on, sweeps it.
+had, owned by an owner whose lease then lapses (``other_owner``), then a new
+coordinator sweeps it. Times are the database's: a test waits for real.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from celery_tx import (
 )
 from celery_tx.core import transitions as tr
 from tests.conftest import FAST_RETRY
-from tests.journaled import journal_started, start_without_running
+from celery_tx.store import owners
+from tests.journaled import journal_started, other_owner, start_without_running
 from tests.participants import append_line, fail_with
 
 
@@ -76,38 +79,48 @@ def register_steps(
     return tx_id
 
 
-def crash_after(coordinator: TransactionCoordinator, tx_id: uuid.UUID, done: int, log: Path):
-    """Journal what a process that died while running step ``done`` leaves behind."""
+def crash_after(
+    coordinator: TransactionCoordinator,
+    tx_id: uuid.UUID,
+    done: int,
+    log: Path,
+    owner: str | None = None,
+):
+    """Journal what a process (``owner``) that died while running step ``done``
+    leaves behind."""
     journal = coordinator._journal
     now = datetime.now(UTC)
-    tx = journal_started(coordinator, tx_id, now)
+    tx = journal_started(coordinator, tx_id, now, owner=owner)
     for position in range(done):
         append_line(str(log), f"s{position} action")
         tx = journal.apply(tx, lambda t, p=position: tr.advance(t, p, None, now))
     return tx
 
 
-def test_a_stalled_running_transaction_goes_on_from_its_current_step(
-    coordinator, sweeper, clock, tmp_path
+def test_a_transaction_whose_owner_died_goes_on_at_once_from_its_current_step(
+    coordinator, sweeper, tmp_path
 ):
     log = tmp_path / "effects.log"
+    journal = coordinator._journal
+    owner = other_owner(journal, alive=True)
     tx_id = register_steps(coordinator, log, 4)
-    crash_after(coordinator, tx_id, done=2, log=log)  # s2 RUNNING, outcome unknown
+    crash_after(coordinator, tx_id, done=2, log=log, owner=owner)  # s2 RUNNING, outcome unknown
 
-    assert sweeper.recover(stalled_after=60) == SweepReport()  # not stalled yet
-    clock.advance(61)
-    report = sweeper.recover(stalled_after=60)
+    assert sweeper.recover(stalled_after=60) == SweepReport()  # its owner lives
+    owners.expire(journal, [owner])  # and dies
+    report = sweeper.recover(stalled_after=60)  # at once, however recent its last write
 
     assert report.resumed == [tx_id]
     outcome = sweeper.get_transaction(tx_id)
     assert outcome.status is TxStatus.COMMITTED
+    assert outcome.owner is not None
+    assert outcome.owner != owner  # the sweeper's process took it over
     assert effects(log) == ["s0 action", "s1 action", "s2 action", "s3 action"]
     assert [s.attempts for s in outcome.steps] == [1, 1, 2, 1]  # s2 ran again, counted
 
 
-def test_a_stalled_compensating_transaction_finishes_its_rollback(
-    coordinator, sweeper, clock, tmp_path
-):
+def test_a_stalled_compensating_transaction_finishes_its_rollback(coordinator, sweeper, tmp_path):
+    """Without an owner (journaled by an earlier version), silence decides."""
     log = tmp_path / "effects.log"
     tx_id = register_steps(coordinator, log, 3)
     tx = crash_after(coordinator, tx_id, done=2, log=log)
@@ -116,8 +129,9 @@ def test_a_stalled_compensating_transaction_finishes_its_rollback(
     tx = journal.apply(tx, lambda t: tr.fail_action(t, 2, "Boom", now))
     tx = journal.apply(tx, lambda t: tr.start_compensation(t, 2, now))  # then the crash
 
-    clock.advance(301)
-    report = sweeper.recover()  # the default stall time: 300 s
+    assert sweeper.recover(stalled_after=1) == SweepReport()  # not stalled yet
+    time.sleep(1.1)
+    report = sweeper.recover(stalled_after=1)
 
     assert report.resumed == [tx_id]
     outcome = sweeper.get_transaction(tx_id)
@@ -126,13 +140,12 @@ def test_a_stalled_compensating_transaction_finishes_its_rollback(
     assert effects(log)[2:] == ["s2 compensation", "s1 compensation", "s0 compensation"]
 
 
-def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, sweeper, clock):
+def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, sweeper):
     with TransactionCoordinator(database_url) as dead:
         tx_id = dead.begin_transaction()
         dead.register_participant(tx_id, "closure", lambda: None, lambda: None)
-        journal_started(dead, tx_id)
+        journal_started(dead, tx_id, owner=other_owner(dead.journal, alive=False))
 
-    clock.advance(301)
     report = sweeper.recover()
 
     assert [tx for tx, _ in report.failed] == [tx_id]
@@ -191,14 +204,13 @@ def test_a_pending_transaction_past_its_deadline_is_rolled_back(
     assert effects(log) == []
 
 
-def test_a_running_transaction_past_its_deadline_is_compensated(
-    coordinator, sweeper, clock, tmp_path
-):
+def test_a_running_transaction_past_its_deadline_is_compensated(coordinator, sweeper, tmp_path):
     log = tmp_path / "effects.log"
-    tx_id = register_steps(coordinator, log, 3, timeout=30)
+    tx_id = register_steps(coordinator, log, 3, timeout=1)
     crash_after(coordinator, tx_id, done=1, log=log)  # s1 RUNNING: maybe applied
 
-    clock.advance(31)
+    assert sweeper.reap() == SweepReport()  # its deadline is a second away
+    time.sleep(1.1)  # by the database's clock
     report = sweeper.reap()
 
     assert report.rolled_back == [tx_id]
@@ -224,18 +236,19 @@ def test_the_default_timeout_sets_a_deadline(database_url, clock):
         assert later.deadline - later.created_at == timedelta(seconds=50)
 
 
-def test_concurrent_sweeps_resume_each_transaction_once(database_url, clock, tmp_path):
+def test_concurrent_sweeps_resume_each_transaction_once(database_url, tmp_path):
+    """Recoverers racing for the same orphans: each is taken over by exactly one."""
     log = tmp_path / "effects.log"
     with TransactionCoordinator(database_url) as dead:
+        owner = other_owner(dead.journal, alive=False)
         stalled = [register_steps(dead, log, 2) for _ in range(12)]
         for tx_id in stalled:
-            crash_after(dead, tx_id, done=1, log=log)
-    clock.advance(301)
+            crash_after(dead, tx_id, done=1, log=log, owner=owner)
     reports: list[SweepReport] = []
     start = threading.Barrier(4)
 
     def sweep() -> None:
-        with TransactionCoordinator(database_url, clock=clock) as coordinator:
+        with TransactionCoordinator(database_url) as coordinator:
             start.wait()
             reports.append(coordinator.recover())
 
@@ -334,21 +347,20 @@ def test_a_sweep_leaves_alone_a_transaction_that_moved_on_since_it_read_it(
 
 
 def test_the_overtime_sweep_does_not_hide_stalled_transactions_from_recovery(
-    coordinator, sweeper, clock, tmp_path
+    coordinator, sweeper, tmp_path
 ):
     log = tmp_path / "effects.log"
     tx_id = register_steps(coordinator, log, 2)
-    crash_after(coordinator, tx_id, done=1, log=log)
-    clock.advance(301)
+    crash_after(
+        coordinator, tx_id, done=1, log=log, owner=other_owner(sweeper.journal, alive=False)
+    )
     sweep = sweeper._sweeper
     sweep.step_limit = lambda step: None  # no limits: nothing to roll back
     assert sweep.reap_overtime() == SweepReport()
     assert sweep.recover(300).resumed == [tx_id]  # the same sweep, right after
 
 
-def test_a_sweep_without_an_app_leaves_celery_transactions_to_the_workers(
-    database_url, clock, tmp_path
-):
+def test_a_sweep_without_an_app_leaves_celery_transactions_to_the_workers(database_url, tmp_path):
     from tests.apps import tasks
     from tests.stacks import filesystem_sender
 
@@ -358,8 +370,8 @@ def test_a_sweep_without_an_app_leaves_celery_transactions_to_the_workers(
         client.register_participant(tx_id, "a", tasks.step.s(str(tmp_path / "e"), "a"))
         client.commit_transaction_async(tx_id)
         before = client.get_transaction(tx_id)
-    clock.advance(3600)
-    with TransactionCoordinator(database_url, clock=clock) as no_app:
-        assert no_app.recover() == SweepReport()
+    time.sleep(1.1)  # past its deadline, by the database's clock
+    with TransactionCoordinator(database_url) as no_app:
+        assert no_app.recover(stalled_after=0) == SweepReport()
         assert no_app.reap() == SweepReport()
         assert no_app.get_transaction(tx_id) == before  # nothing journaled it cannot do

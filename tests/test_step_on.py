@@ -181,7 +181,14 @@ def test_two_racing_first_starts_start_the_step_once(postgres_url: str) -> None:
     truncate_journal(postgres_url)
     journal = Journal(postgres_url)
     tx = started(journal, first_running=False)
-    values = {"id": tx.id, "version": tx.version, "position": 0, "name": "s0", "task": TASK, "owner": None}
+    values = {
+        "id": tx.id,
+        "version": tx.version,
+        "position": 0,
+        "name": "s0",
+        "task": TASK,
+        "owner": None,
+    }
     parameters = postgres.step_on_parameters(values, datetime.now(UTC))
     url = journal.engine.url  # SQLAlchemy's parse of it, for psycopg
     dsn = {"host": url.host, "port": url.port or 5432, "user": url.username, "dbname": url.database}

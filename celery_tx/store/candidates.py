@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from celery_tx.core.status import StepStatus, TxStatus
-from celery_tx.store import schema
+from celery_tx.store import owners, schema
 from celery_tx.store.journal import Journal
 
 _t = schema.transactions
@@ -27,39 +26,47 @@ def claim(
     drivers: Sequence[str],
     lease: float,
     limit: int,
-    deadline_before: datetime | None = None,
-    updated_before: datetime | None = None,
+    past_deadline: bool = False,
+    stalled_after: float | None = None,
+    orphaned: bool = False,
 ) -> list[uuid.UUID]:
     """Lease up to ``limit`` transactions a sweep should look at; their ids.
 
-    Candidates have one of ``statuses`` and ``drivers``, a deadline before
-    ``deadline_before`` and/or a last write before ``updated_before``, and no
-    other sweep's lease running (by the journal's clock). Each is leased for
-    ``lease`` seconds in the same statement: concurrent sweeps get disjoint
-    sets (on PostgreSQL rows another sweep is claiming are skipped, not waited
-    for: ``FOR UPDATE SKIP LOCKED``; SQLite serialises the claims). The lease
-    only spreads the work: every change a sweep then makes is still a
+    Candidates have one of ``statuses`` and ``drivers``, no other sweep's lease
+    running, and: their deadline passed (``past_deadline``); or no sign of life
+    for ``stalled_after`` seconds (no write, no heartbeat of an owner running
+    it), or (``orphaned``) an owner whose lease lapsed, however recent their
+    last write. Every time is compared with the database's clock
+    (``schema.DbNow``), never this process's. Each is leased for ``lease``
+    seconds in the same statement: concurrent sweeps get disjoint sets (on
+    PostgreSQL rows another sweep is claiming are skipped, not waited for:
+    ``FOR UPDATE SKIP LOCKED``; SQLite serialises the claims). The lease only
+    spreads the work: every change a sweep then makes is still a
     compare-and-set.
     """
-    now = journal.clock()
     candidates = sa.select(_t.c.id).where(
         _t.c.status.in_([s.value for s in statuses]),
         _t.c.driver.in_(list(drivers)),
-        sa.or_(_t.c.claimed_until.is_(None), _t.c.claimed_until < now),
+        sa.or_(_t.c.claimed_until.is_(None), _t.c.claimed_until < schema.DbNow()),
     )
-    if deadline_before is not None:
-        candidates = candidates.where(_t.c.deadline_at < deadline_before)
-    if updated_before is not None:
+    if past_deadline:
+        candidates = candidates.where(_t.c.deadline_at < schema.DbNow())
+    due: list[sa.ColumnElement[bool]] = []
+    if stalled_after is not None:
         # NULL from a writer older than schema 2 (a rolling upgrade): its
         # creation time stands in, so such a transaction is still found.
         last_write = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
-        candidates = candidates.where(last_write < updated_before)
+        due.append(last_write <= schema.DbNow(-stalled_after))
+    if orphaned:
+        due.append(sa.and_(_t.c.owner.is_not(None), sa.not_(owners.live_owner())))
+    if due:
+        candidates = candidates.where(sa.or_(*due))
     candidates = candidates.order_by(_t.c.created_at).limit(limit)
     candidates = candidates.with_for_update(skip_locked=True)  # SQLite renders none
     statement = (
         sa.update(_t)
         .where(_t.c.id.in_(candidates.scalar_subquery()))
-        .values(claimed_until=now + timedelta(seconds=lease))
+        .values(claimed_until=schema.DbNow(lease))
         .returning(_t.c.id)
     )
 

@@ -18,13 +18,29 @@ from sqlalchemy.engine import Connection
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.stats import Durations
 from celery_tx.core.status import TxStatus
-from celery_tx.store import rows, schema
+from celery_tx.store import owners, rows, schema
 from celery_tx.store.journal import Journal
 
 _t = schema.transactions
 _s = schema.steps
 _FINAL = [s.value for s in TxStatus if s.is_final]
 _PURGE_BATCH = 500  # rows per delete: short locks, and a purge interrupted keeps its progress
+
+
+def quiet_for(journal: Journal, tx_id: uuid.UUID) -> tuple[float, bool] | None:
+    """Seconds since the transaction's last sign of life (a write, or a heartbeat
+    of the owner running it), by the database's clock, and whether an owner
+    holds it (its lease alive); None when there is no such transaction."""
+    last = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
+    statement = sa.select(last, schema.DbNow(), owners.live_owner()).where(_t.c.id == tx_id)
+
+    def statements(conn: Connection) -> tuple[float, bool] | None:
+        row = conn.execute(statement).one_or_none()
+        if row is None:
+            return None
+        return max(0.0, (row[1] - row[0]).total_seconds()), bool(row[2])
+
+    return journal.run(statements, write=False)
 
 
 @dataclass(frozen=True, kw_only=True)

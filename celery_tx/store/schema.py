@@ -210,10 +210,7 @@ def _db_now_postgresql(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
 def _db_now_sqlite(element: DbNow, compiler: SQLCompiler, **kw: Any) -> str:
     seconds = compiler.process(element.clauses, **kw)
     # Microseconds, as SQLAlchemy writes the column's values: compared as text.
-    return (
-        "(strftime('%Y-%m-%d %H:%M:%f', 'now', "
-        f"printf('%+.6f seconds', {seconds})) || '000')"
-    )
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.6f seconds', {seconds})) || '000')"
 
 
 class SQLiteJSONText(sa.TypeDecorator[Any]):

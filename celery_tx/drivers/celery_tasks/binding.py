@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from celery_tx import leases
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core.errors import InvalidArgument
 from celery_tx.store import Journal
@@ -30,6 +31,26 @@ def database_url_for(app: Any, database_url: str | URL | None = None) -> URL:
     return resolve_database_url(database_url or app.conf.get(CONFIG_KEY))
 
 
+HEARTBEAT_INTERVAL_KEY = "celery_tx_heartbeat_interval"
+"""The Celery setting: seconds between the heartbeats of each owner (``celery_tx.leases``)."""
+LEASE_KEY = "celery_tx_lease"
+"""The Celery setting: seconds an owner's lease holds after a heartbeat."""
+
+
+def lease_settings(
+    app: Any, interval: float | None = None, lease: float | None = None
+) -> leases.LeaseSettings:
+    """The arguments, else the app's settings, else the defaults; checked."""
+    if interval is None:
+        interval = app.conf.get(HEARTBEAT_INTERVAL_KEY) if app is not None else None
+    if lease is None:
+        lease = app.conf.get(LEASE_KEY) if app is not None else None
+    return leases.LeaseSettings(
+        interval=leases.DEFAULT_HEARTBEAT_INTERVAL if interval is None else interval,
+        lease=leases.DEFAULT_LEASE if lease is None else lease,
+    )
+
+
 def journal_for(
     app: Any, database_url: str | URL | None = None, clock: Clock | None = None
 ) -> Journal:
@@ -45,6 +66,7 @@ def journal_for(
         journal = _journals.get(app)
         if journal is None:
             journal = _journals[app] = Journal(url, clock=clock or utc_now)
+            leases.configure(journal, lease_settings(app))
         elif journal.url != url:
             raise InvalidArgument(
                 f"Celery app {app.main!r} already journals to {journal.url!r}, "

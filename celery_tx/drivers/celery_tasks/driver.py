@@ -103,6 +103,10 @@ class CeleryDriver:
         )
         return Registration(KIND, step)
 
+    def owner(self) -> str | None:
+        """None: the worker that starts a step journals itself as its owner."""
+        return None
+
     def forget(self, tx_id: uuid.UUID) -> None:
         """Nothing is held."""
 

@@ -11,7 +11,9 @@ is all it takes. Once per process it installs:
 - the worker's log context (``celery_tx.logs``) on Celery's ``after_setup_logger``
   and ``after_setup_task_logger`` signals (``celery_tx_log_context = False``
   in the app's configuration leaves the worker's logging alone);
-- ``sweeping.sweep_in_pool_process`` on ``worker_process_init``;
+- ``sweeping.sweep_in_pool_process`` on ``worker_process_init``, and
+  ``sweeping.stop_owning`` (the process's leases end) on
+  ``worker_process_shutdown`` and ``worker_shutdown``;
 
 and once per app the worker bootstep ``sweeping.SweepStep``.
 """
@@ -24,7 +26,13 @@ import weakref
 from typing import Any
 
 from celery import current_app
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from celery_tx import metrics
 from celery_tx.drivers.celery_tasks import signals, sweeping
@@ -45,6 +53,8 @@ def install(app: Any = None) -> None:
             after_setup_logger.connect(_on_worker_logging, weak=False)
             after_setup_task_logger.connect(_on_worker_logging, weak=False)
             worker_process_init.connect(sweeping.sweep_in_pool_process, weak=False)
+            worker_process_shutdown.connect(sweeping.stop_owning, weak=False)
+            worker_shutdown.connect(sweeping.stop_owning, weak=False)
             _process.append(True)
         if app is not None and app not in _apps:
             app.steps["worker"].add(sweeping.SweepStep)

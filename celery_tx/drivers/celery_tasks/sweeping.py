@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 from celery import bootsteps, current_app, shared_task
 
+from celery_tx import leases
 from celery_tx.driver import Drivers
 from celery_tx.drivers.celery_tasks import binding
 from celery_tx.drivers.celery_tasks.driver import CeleryDriver
@@ -43,8 +45,7 @@ def sweep_once(app: Any, overtime: bool = False) -> SweepReport:
     Workers leave in-process transactions alone: their callables belong to the
     application that registered them (``coordinator.recover()`` there).
     """
-    driver = CeleryDriver(binding.journal_for(app), app)
-    sweeper = Sweeper(driver.journal, Drivers(driver), step_limit=driver.time_limit)
+    sweeper = _sweeper_of(app)
     stalled_after = float(app.conf.get("celery_tx_stalled_after") or DEFAULT_STALLED_AFTER)
     report = sweeper.sweep(stalled_after, overtime=overtime)
     if report:
@@ -53,6 +54,29 @@ def sweep_once(app: Any, overtime: bool = False) -> SweepReport:
             *(len(report.rolled_back), len(report.resumed), len(report.errors)),
         )
     return report
+
+
+_sweepers: weakref.WeakKeyDictionary[Any, Sweeper] = weakref.WeakKeyDictionary()
+
+
+def _sweeper_of(app: Any) -> Sweeper:
+    """The app's sweeper in this process: one, for what it remembers between
+    sweeps (an outage seen, when it last pruned the owners)."""
+    sweeper = _sweepers.get(app)
+    journal = binding.journal_for(app)
+    if sweeper is None or sweeper.journal is not journal:
+        driver = CeleryDriver(journal, app)
+        sweeper = Sweeper(journal, Drivers(driver), step_limit=driver.time_limit)
+        _sweepers[app] = sweeper
+    return sweeper
+
+
+def stop_owning(**_: Any) -> None:
+    """``worker_process_shutdown`` and ``worker_shutdown``: end this worker
+    process's leases. A warm
+    shutdown finished its steps, so nothing is taken over; a step still
+    running (a cold one) is, at once."""
+    leases.stop_all()
 
 
 @shared_task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]

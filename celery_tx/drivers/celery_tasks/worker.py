@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from celery.exceptions import Ignore, Reject, Retry
 
+from celery_tx import leases
 from celery_tx.context import StepContext, running_step
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import JournalUnavailable, TransactionStateError
@@ -35,7 +36,7 @@ from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
-from celery_tx.driver import Event, start_rollback
+from celery_tx.driver import Event, owned_by, start_rollback
 from celery_tx.drivers.celery_tasks import binding, dispatch
 from celery_tx.drivers.celery_tasks.messages import Carried, StepMessage
 from celery_tx.logs import tx_extra
@@ -46,6 +47,8 @@ logger = logging.getLogger("celery_tx.worker")
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=30.0)
 _STARTABLE = (StepStatus.PENDING, StepStatus.RUNNING)
 _TO_UNDO = (StepStatus.RUNNING, StepStatus.DONE, StepStatus.FAILED, StepStatus.COMPENSATING)
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def run_step(
@@ -58,9 +61,24 @@ def run_step(
     """Run the step ``message`` names with the user's ``args`` and ``kwargs``;
     ``carried``: what the action before it handed over."""
     journal = binding.journal_for(task.app)
-    call = (args, kwargs)
+    owner = leases.owner_of(journal)
+    # While it runs, this process's heartbeat keeps the transaction alive: no
+    # sweep resends a step that is only slow.
+    with owner.running(message.tx_id):
+        return _run_step(task, journal, message, carried, (args, kwargs), owner=owner.id)
+
+
+def _run_step(
+    task: Any,
+    journal: Journal,
+    message: StepMessage,
+    carried: Carried | None,
+    call: Call,
+    *,
+    owner: str,
+) -> Any:
     if message.phase == "action":
-        started = _start(journal, task, message, carried)
+        started = _start(journal, task, owner, message, carried)
         if started is not None:  # the usual way: one write, no read
             return _run_started(task, journal, *started, call)
     tx = journal.load(message.tx_id)
@@ -75,15 +93,12 @@ def run_step(
     if message.phase == "action":
         if carried is not None:
             tx = _journal_carried(journal, tx, position, carried)
-        return _run_action(task, journal, tx, position, call)
-    return _run_compensation(task, journal, tx, position, call)
-
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
+        return _run_action(task, journal, tx, position, call, owner=owner)
+    return _run_compensation(task, journal, tx, position, call, owner=owner)
 
 
 def _start(
-    journal: Journal, task: Any, message: StepMessage, carried: Carried | None
+    journal: Journal, task: Any, owner: str, message: StepMessage, carried: Carried | None
 ) -> tuple[Outcome, int] | None:
     """The action journaled RUNNING in one conditional write, and its position: the
     first step from PENDING, a later one with the previous step DONE from what it
@@ -95,7 +110,11 @@ def _start(
             if message.version is None:  # sent by a celery-tx before the version
                 return None
             tx = journal.start_first(
-                message.tx_id, version=message.version, name=message.step, task=task.name
+                message.tx_id,
+                version=message.version,
+                name=message.step,
+                task=task.name,
+                owner=owner,
             )
             return None if tx is None else (tx, 0)
         tx = journal.step_on(
@@ -105,6 +124,7 @@ def _start(
             result=carried.result,
             name=message.step,
             task=task.name,
+            owner=owner,
         )
         return None if tx is None else (tx, carried.previous + 1)
     except JournalUnavailable:  # the slow way reads (retrying), then writes what is due
@@ -138,7 +158,9 @@ def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carr
         return journal.load(tx.id) or tx
 
 
-def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
+def _run_action(
+    task: Any, journal: Journal, tx: Outcome, position: int, call: Call, *, owner: str
+) -> Any:
     step = tx.steps[position]
     # DONE too is too late: the next step journaled it DONE, so the chain went on
     # already; handing over again would run the next step a second time.
@@ -150,7 +172,8 @@ def _run_action(task: Any, journal: Journal, tx: Outcome, position: int, call: C
         # The first step (and one nobody marked) is journaled RUNNING here; the
         # others were, by the write that ended the step before. A redelivery
         # counts its attempt here too, before the function runs.
-        tx = _apply_or_too_late(journal, tx, position, "action", _start_event(journal, position))
+        start = owned_by(owner, _start_event(journal, position))
+        tx = _apply_or_too_late(journal, tx, position, "action", start)
     return _run_started(task, journal, tx, position, call)
 
 
@@ -241,7 +264,9 @@ def _redelivered(task: Any) -> bool:
     return bool(delivery.get("redelivered"))
 
 
-def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> None:
+def _run_compensation(
+    task: Any, journal: Journal, tx: Outcome, position: int, call: Call, *, owner: str
+) -> None:
     step = tx.steps[position]
     extra = tx_extra(tx.id, step.name)
     if tx.status is not TxStatus.COMPENSATING:
@@ -254,7 +279,7 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
         tx,
         position,
         "compensation",
-        lambda t: tr.start_compensation(t, position, journal.clock()),
+        owned_by(owner, lambda t: tr.start_compensation(t, position, journal.clock())),
     )
     attempt = tx.steps[position].compensation_attempts
     context = StepContext(
@@ -286,9 +311,13 @@ def _run_compensation(task: Any, journal: Journal, tx: Outcome, position: int, c
             exc_info=exc,
             extra=extra,
         )
-        tx = journal.apply(tx, lambda t: tr.fail_compensation(t, position, error, journal.clock()))
+        fail = owned_by(None, lambda t: tr.fail_compensation(t, position, error, journal.clock()))
+        tx = journal.apply(tx, fail)
     else:
-        tx = journal.apply(tx, lambda t: tr.finish_compensation(t, position, journal.clock()))
+        # No owner until the next compensation's worker starts it: its message
+        # waits in a queue, under the sweeps' rule for queued steps.
+        finish = owned_by(None, lambda t: tr.finish_compensation(t, position, journal.clock()))
+        tx = journal.apply(tx, finish)
     if tx.is_final:
         level = logging.ERROR if tx.status is TxStatus.FAILED else logging.INFO
         logger.log(level, "transaction %s: %s", tx.status, tx.error, extra=tx_extra(tx.id))

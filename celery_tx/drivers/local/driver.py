@@ -14,11 +14,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from typing import Any
 
+from celery_tx import leases
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import InvalidParticipant
-from celery_tx.core.outcome import Outcome, StepOutcome
+from celery_tx.core.outcome import Outcome, StepOutcome, evolve
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Registration
@@ -104,6 +106,8 @@ class LocalDriver:
         started = tr.start_commit(tx, now)
         if started.status is TxStatus.RUNNING:
             started = tr.start_action(started, 0, now)
+            # Run here: this process owns it, and its lease keeps it.
+            started = evolve(started, owner=self.owner())
         try:
             # Durable: before the first action can have an effect, the journal must
             # hold the transaction, its participants and the fact that it runs.
@@ -128,7 +132,8 @@ class LocalDriver:
 
     def _commit(self, tx: Outcome) -> Outcome:
         if tx.status is TxStatus.RUNNING:
-            tx = self.runner.run_actions(tx, self._resolve_all(tx))
+            with self._running(tx):
+                tx = self.runner.run_actions(tx, self._resolve_all(tx))
         # Kept while the run stopped early (the journal became unreachable): the
         # callables are what a later retry in this process would need. A sweep's
         # or an operator's run keeps them until the coordinator sees it final.
@@ -142,11 +147,21 @@ class LocalDriver:
 
     def resume(self, tx: Outcome, position: int) -> Outcome:
         """Run the actions from ``position`` here, then the compensations if one fails."""
-        return self.runner.run_actions(tx, self._resolve_all(tx), start=position)
+        with self._running(tx):
+            return self.runner.run_actions(tx, self._resolve_all(tx), start=position)
 
     def compensate(self, tx: Outcome) -> Outcome:
         """Run the compensations still due here."""
-        return self.runner.run_compensations(tx, self._resolve_all(tx))
+        with self._running(tx):
+            return self.runner.run_compensations(tx, self._resolve_all(tx))
+
+    def owner(self) -> str:
+        """This process's owner id: it runs what it takes up (started if need be)."""
+        return leases.owner_of(self.journal).id
+
+    def _running(self, tx: Outcome) -> AbstractContextManager[None]:
+        """While this process runs ``tx``: its heartbeat keeps it alive."""
+        return leases.owner_of(self.journal).running(tx.id)
 
     def _resolve_all(self, tx: Outcome) -> list[LocalCall]:
         return [self._resolve(tx.id, step) for step in tx.steps]

@@ -34,6 +34,7 @@ from typing import Any
 
 from celery_tx.context import Phase, StepContext, running_step
 from celery_tx.core import transitions as tr
+from celery_tx.core.errors import TransactionStateError
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
@@ -87,7 +88,7 @@ class LocalRunner:
             except BaseException as exc:  # re-raised once compensated
                 failed = (position, exc)
                 break
-            tx = self.journal.apply(tx, self._advance(position, recordable(results[position])))
+            tx = self._apply(tx, self._advance(position, recordable(results[position])))
         if failed is None:
             logger.info("transaction committed", extra=tx_extra(tx.id))
             return tx
@@ -128,7 +129,7 @@ class LocalRunner:
             return tr.fail_action(t, position, error, self.clock())
 
         try:
-            tx = start_rollback(self.journal, tx, fail, compensate)
+            tx = start_rollback(self.journal, tx, held_by(tx.owner, fail), compensate)
         except Exception as journal_error:
             if interrupt is not None and not compensating:
                 raise interrupt from journal_error
@@ -192,7 +193,7 @@ class LocalRunner:
         policy = step.retry or self.retry
         extra = tx_extra(tx.id, step.name)
         for attempt in range(1, policy.max_attempts + 1):
-            tx = self.journal.apply(tx, lambda t: tr.start_compensation(t, position, self.clock()))
+            tx = self._apply(tx, lambda t: tr.start_compensation(t, position, self.clock()))
             try:
                 with running_step(self._context(tx, position, "compensation", action_result)):
                     compensation()
@@ -222,10 +223,30 @@ class LocalRunner:
                 )
                 return self._give_up(tx, position, error), interrupt
             break
-        done = self.journal.apply(tx, lambda t: tr.finish_compensation(t, position, self.clock()))
+        done = self._apply(tx, lambda t: tr.finish_compensation(t, position, self.clock()))
         return done, None
 
     def _give_up(self, tx: Outcome, position: int, error: str) -> Outcome:
-        return self.journal.apply(
-            tx, lambda t: tr.fail_compensation(t, position, error, self.clock())
-        )
+        return self._apply(tx, lambda t: tr.fail_compensation(t, position, error, self.clock()))
+
+    def _apply(self, tx: Outcome, event: Event) -> Outcome:
+        """Journal ``event``, only while ``tx``'s owner still holds it."""
+        return self.journal.apply(tx, held_by(tx.owner, event))
+
+
+def held_by(owner: str | None, event: Event) -> Event:
+    """``event``, refused (``TransactionStateError``) once another owner took the
+    transaction over: a process whose lease lapsed (it looked dead) stops at its
+    next write, and only the one that took over goes on. None: a transaction
+    journaled without an owner (by an earlier version), not guarded."""
+
+    def guarded(tx: Outcome) -> Outcome:
+        if owner is not None and tx.owner != owner:
+            raise TransactionStateError(
+                f"transaction {tx.id} was taken over by owner {tx.owner!r}: "
+                f"this process ({owner}) looked dead and stopped running it",
+                status=tx.status,
+            )
+        return event(tx)
+
+    return guarded

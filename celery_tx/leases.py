@@ -1,0 +1,250 @@
+"""Owners and leases: a process that runs transactions says it is alive.
+
+Every process that runs in-process transactions, and every Celery worker
+process for the steps it runs, is an *owner* of one journal: a row in
+``celery_tx_owners`` with a lease, renewed by one background heartbeat per
+process (one write transaction per ``interval``, however many transactions it
+runs; the same write marks the transactions it is running as alive). A
+transaction journals its owner (``Outcome.owner``). When the owner's lease
+lapses (by the database's clock) the owner is dead and the sweeps take its
+transactions over at once, with a compare-and-set; while it holds, nobody
+second-guesses it, however long a step takes. A process on the same host can
+tell more at once: an owner whose pid is gone is dead now
+(``dead_on_this_host``).
+
+The owner starts with the first transaction it runs (not at import, not at a
+coordinator's construction: a web process that only sends Celery transactions
+owns nothing) and stops with ``stop``; a forked child is an owner of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from celery_tx.core.errors import InvalidArgument, JournalUnavailable
+from celery_tx.store import Journal, owners
+from celery_tx.store.engine import in_forked_children
+
+logger = logging.getLogger("celery_tx.leases")
+
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+"""Seconds between an owner's heartbeats."""
+DEFAULT_LEASE = 15.0
+"""Seconds an owner's lease holds after a heartbeat: three missed beats."""
+PRUNE_AFTER = 86400.0
+"""Seconds after its lease lapsed that an owner's row is deleted."""
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """How often an owner renews its lease, and for how long."""
+
+    interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    lease: float = DEFAULT_LEASE
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "lease"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidArgument(f"{name} must be a number of seconds, got {value!r}")
+            if not 0 < value < 86400:
+                raise InvalidArgument(f"{name} must be between 0 and 86400 seconds, got {value}")
+        if self.lease <= self.interval:
+            raise InvalidArgument(
+                f"the lease ({self.lease:g} s) must outlast the heartbeat interval "
+                f"({self.interval:g} s), or a live owner would look dead between beats"
+            )
+
+
+def this_host() -> str:
+    """This host as owners name it: its name and, on Linux, its pid namespace.
+
+    Two containers that share a host name (host networking) do not share pids:
+    one must not take the other's pids for its own.
+    """
+    try:
+        namespace = f"/pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return socket.gethostname() + namespace
+
+
+class Owner:
+    """This process as the owner of one journal's transactions, with its heartbeat."""
+
+    def __init__(self, journal: Journal, settings: LeaseSettings) -> None:
+        self.journal = journal
+        self.settings = settings
+        self.host = this_host()
+        self.pid = os.getpid()
+        self.id = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        """The owner id transactions journal (``Outcome.owner``)."""
+        self._running: Counter[uuid.UUID] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._registered = threading.Event()
+        self._last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._beat, name="celery-tx-heartbeat", daemon=True)
+        self._thread.start()
+
+    def wait_registered(self) -> None:
+        """Return once the owner's row is journaled: a transaction must never name
+        an owner the journal does not know (it would look dead)."""
+        if not self._registered.wait(self.journal.patience):
+            raise JournalUnavailable(
+                f"could not journal this process as an owner: {self._last_error!r}",
+                transient=True,
+            )
+
+    @contextmanager
+    def running(self, tx_id: uuid.UUID) -> Iterator[None]:
+        """While inside, the heartbeat marks ``tx_id`` alive: a sweep never takes
+        it for stalled, however long its step takes."""
+        with self._lock:
+            self._running[tx_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running[tx_id] -= 1
+                if self._running[tx_id] <= 0:
+                    del self._running[tx_id]
+
+    def stop(self) -> None:
+        """Stop the heartbeat and end the lease now. When nothing runs, the owner
+        is released (what it started waits in queues, nobody takes it over);
+        else its transactions are orphaned and taken over at once."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.settings.interval)
+        if not self._registered.is_set():
+            return
+        with self._lock:
+            clean = not self._running
+        try:
+            owners.release(self.journal, self.id, clean=clean)
+        except JournalUnavailable:
+            logger.warning("could not end this owner's lease; it lapses by itself")
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._write()
+            except Exception as exc:  # the journal's, of many types: the next beat tries again
+                self._last_error = exc
+                logger.warning("heartbeat failed; the lease lapses unless one lands: %r", exc)
+            if self._stop.wait(self.settings.interval):
+                return
+
+    def _write(self) -> None:
+        if not self._registered.is_set():
+            owners.register(
+                self.journal, self.id, host=self.host, pid=self.pid, lease=self.settings.lease
+            )
+            self._registered.set()
+            return
+        with self._lock:
+            running = list(self._running)
+        owners.renew(
+            self.journal,
+            self.id,
+            host=self.host,
+            pid=self.pid,
+            lease=self.settings.lease,
+            running=running,
+        )
+
+
+_settings: weakref.WeakKeyDictionary[Journal, LeaseSettings] = weakref.WeakKeyDictionary()
+_owners: weakref.WeakKeyDictionary[Journal, Owner] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def configure(journal: Journal, settings: LeaseSettings) -> None:
+    """Use ``settings`` for the owner of ``journal`` in this process (from its next start)."""
+    with _registry_lock:
+        _settings[journal] = settings
+
+
+def settings_of(journal: Journal) -> LeaseSettings:
+    """The lease settings of ``journal``'s owners in this process."""
+    return _settings.get(journal, LeaseSettings())
+
+
+def owner_of(journal: Journal) -> Owner:
+    """This process's owner of ``journal``, started (and journaled) if need be."""
+    with _registry_lock:
+        owner = _owners.get(journal)
+        if owner is None:
+            in_forked_children(_forget_in_child)
+            owner = _owners[journal] = Owner(journal, settings_of(journal))
+    owner.wait_registered()
+    return owner
+
+
+def current_owner(journal: Journal) -> Owner | None:
+    """This process's owner of ``journal``, if it started one."""
+    return _owners.get(journal)
+
+
+def stop(journal: Journal) -> None:
+    """Stop this process's owner of ``journal``, if any (``Owner.stop``)."""
+    with _registry_lock:
+        owner = _owners.pop(journal, None)
+    if owner is not None:
+        owner.stop()
+
+
+def stop_all() -> None:
+    """Stop every owner of this process (a worker process shutting down)."""
+    with _registry_lock:
+        stopping = list(_owners.values())
+        _owners.clear()
+    for owner in stopping:
+        owner.stop()
+
+
+def _forget_in_child() -> None:
+    """A forked child is not its parent: its owner (if it needs one) is its own."""
+    _owners.clear()
+
+
+def dead_on_this_host(journal: Journal) -> list[str]:
+    """End the leases of this host's owners whose process is gone; their ids.
+
+    A pid that exists may be another process's now (pids are reused): then the
+    lease decides, later. The pid of this very process under another owner id
+    is a predecessor's (a container restarted with the same pid): dead.
+    """
+    with _registry_lock:
+        here = {owner.id for owner in _owners.values()}
+    dead = [
+        owner
+        for owner, pid in owners.alive_on(journal, this_host())
+        if owner not in here and not _process_exists(pid)
+    ]
+    owners.expire(journal, dead)
+    for owner in dead:
+        logger.warning("owner %s is gone from this host: its transactions are taken over", owner)
+    return dead
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # not an owner of this process: its predecessor's, with this pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
