@@ -13,6 +13,9 @@
   a sweep resumes a transaction; more than your longest step.
 - ``CELERY_TX_DEFAULT_TIMEOUT`` (unset: none): the deadline, in seconds, of
   transactions begun without one.
+- ``CELERY_TX_HEARTBEAT_INTERVAL`` (5) and ``CELERY_TX_LEASE`` (15): how often each
+  worker process renews its lease in the journal, and how long it holds; a
+  worker that dies has its running steps taken over once it lapses.
 
 Use it with ``app.config_from_object("celeryconfig")``.
 """
@@ -33,6 +36,8 @@ celery_tx_database_url = os.environ.get("CELERY_TX_DATABASE_URL") or (
 # The sweeps every worker runs (celery_tx/drivers/celery_tasks/sweeping.py).
 celery_tx_sweep_interval = float(os.environ.get("CELERY_TX_SWEEP_INTERVAL") or 30)
 celery_tx_stalled_after = float(os.environ.get("CELERY_TX_STALLED_AFTER") or 300)
+celery_tx_heartbeat_interval = float(os.environ.get("CELERY_TX_HEARTBEAT_INTERVAL") or 5)
+celery_tx_lease = float(os.environ.get("CELERY_TX_LEASE") or 15)
 celery_tx_default_timeout = (
     float(os.environ["CELERY_TX_DEFAULT_TIMEOUT"])
     if os.environ.get("CELERY_TX_DEFAULT_TIMEOUT")

@@ -33,6 +33,7 @@ from celery_tx.drivers.celery_tasks.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
 from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_metrics
 from celery_tx.step_barrier import barrier
+from celery_tx.store.owners import Lease
 from celery_tx.sweeps import SweepReport
 from celery_tx.web import WebUnavailable, transactions_blueprint
 
@@ -66,6 +67,7 @@ __all__ = [
     # snapshots and statuses
     "Outcome",
     "StepOutcome",
+    "Lease",
     "TxStatus",
     "StepStatus",
     "RetryPolicy",

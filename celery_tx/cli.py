@@ -151,18 +151,21 @@ def list_command(
             limit=limit,
             offset=(page - 1) * limit,
         )
+        leases = coordinator.owner_leases(found)
         now = coordinator.journal.clock()
     if as_json:
         _echo_json(
             {
                 "page": page,
                 "limit": limit,
-                "transactions": [present.outcome_json(t, now, with_steps=False) for t in found],
+                "transactions": [
+                    present.outcome_json(t, now, with_steps=False, leases=leases) for t in found
+                ],
             }
         )
         return
-    rows = [present.list_row(t, now) for t in found]
-    headers = ["ID", "NAME", "STATUS", "STEPS", "CREATED", "DURATION", "ERROR"]
+    rows = [present.list_row(t, now, leases) for t in found]
+    headers = ["ID", "NAME", "STATUS", "STEPS", "CREATED", "DURATION", "OWNER", "ERROR"]
     click.echo(present.table(headers, rows))
     if len(found) == limit:
         click.echo(f"(page {page}; more with --page {page + 1})")
@@ -176,11 +179,12 @@ def show(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool
     """One transaction: its steps, attempts, errors and timeline."""
     with _coordinator(ctx, database_url) as coordinator:
         found = coordinator.get_transaction(tx_id)
+        leases = coordinator.owner_leases([found])
         now = coordinator.journal.clock()
     if as_json:
-        _echo_json(present.outcome_json(found, now))
+        _echo_json(present.outcome_json(found, now, leases=leases))
         return
-    click.echo(present.describe(found, now))
+    click.echo(present.describe(found, now, leases))
 
 
 # -- steering ------------------------------------------------------------------

@@ -37,7 +37,8 @@ from celery_tx.ids import parse_tx_id
 from celery_tx.logs import tx_extra
 from celery_tx.operations import Operations
 from celery_tx.pending import GONE, PendingTransactions, for_journal
-from celery_tx.store import Journal, queries
+from celery_tx.store import Journal, owners, queries
+from celery_tx.store.owners import Lease
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
 logger = logging.getLogger("celery_tx.coordinator")
@@ -383,6 +384,13 @@ class TransactionCoordinator:
             limit=arguments.count("limit", limit, 1, arguments.MAX_PAGE_SIZE),
             offset=arguments.count("offset", offset, 0, None),
         )
+
+    def owner_leases(self, transactions: Iterable[Outcome]) -> dict[str, Lease]:
+        """The leases of the owners of ``transactions`` that are going on, by owner
+        id: who runs each, and whether it is alive (``Lease.alive``). An owner
+        missing from the result is long dead (its row pruned)."""
+        going_on = {t.owner for t in transactions if t.owner is not None and not t.is_final}
+        return owners.leases(self._journal, going_on)
 
     def transaction_stats(
         self, *, finished_within: float | timedelta | None = None

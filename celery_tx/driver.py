@@ -53,6 +53,10 @@ class Driver(Protocol):
     """Journaled with each transaction it runs (``Outcome.driver``)."""
     participants: str
     """What its participants are, for errors ("plain callables", "Celery tasks")."""
+    redelivers: bool
+    """Whether its transport gives a dead owner's work to another by itself (a
+    broker redelivering an unacknowledged message): the sweeps then wait one
+    lease before taking it over."""
 
     @property
     def available(self) -> bool:
@@ -135,6 +139,10 @@ class Drivers:
                 "which this process does not have"
             )
         return driver
+
+    def by_kind(self, kind: str) -> Driver:
+        """The driver of ``kind`` (one of ``available_kinds``)."""
+        return self._by_kind[kind]
 
     def for_registration(self, commit_function: object, rollback_function: object) -> Driver:
         """The first driver whose participants these are."""

@@ -82,7 +82,10 @@ class Owner:
     """This process as the owner of one journal's transactions, with its heartbeat."""
 
     def __init__(self, journal: Journal, settings: LeaseSettings) -> None:
-        self.journal = journal
+        # Weakly: the heartbeat must not keep a journal nobody uses alive (with
+        # its pool of connections); it ends when the journal is gone.
+        self._journal = weakref.ref(journal)
+        self._patience = journal.patience
         self.settings = settings
         self.host = this_host()
         self.pid = os.getpid()
@@ -92,16 +95,16 @@ class Owner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._registered = threading.Event()
-        self._last_error: BaseException | None = None
+        self._last_error = "none yet"
         self._thread = threading.Thread(target=self._beat, name="celery-tx-heartbeat", daemon=True)
         self._thread.start()
 
     def wait_registered(self) -> None:
         """Return once the owner's row is journaled: a transaction must never name
         an owner the journal does not know (it would look dead)."""
-        if not self._registered.wait(self.journal.patience):
+        if not self._registered.wait(self._patience):
             raise JournalUnavailable(
-                f"could not journal this process as an owner: {self._last_error!r}",
+                f"could not journal this process as an owner: {self._last_error}",
                 transient=True,
             )
 
@@ -130,32 +133,39 @@ class Owner:
             return
         with self._lock:
             clean = not self._running
+        journal = self._journal()
+        if journal is None:
+            return  # the lease lapses by itself
         try:
-            owners.release(self.journal, self.id, clean=clean)
+            owners.release(journal, self.id, clean=clean)
         except JournalUnavailable:
             logger.warning("could not end this owner's lease; it lapses by itself")
 
     def _beat(self) -> None:
         while not self._stop.is_set():
+            journal = self._journal()
+            if journal is None:
+                return  # nobody uses it any more: the lease lapses by itself
             try:
-                self._write()
+                self._write(journal)
             except Exception as exc:  # the journal's, of many types: the next beat tries again
-                self._last_error = exc
+                self._last_error = repr(exc)  # not the traceback: it holds the journal
                 logger.warning("heartbeat failed; the lease lapses unless one lands: %r", exc)
+            del journal
             if self._stop.wait(self.settings.interval):
                 return
 
-    def _write(self) -> None:
+    def _write(self, journal: Journal) -> None:
         if not self._registered.is_set():
             owners.register(
-                self.journal, self.id, host=self.host, pid=self.pid, lease=self.settings.lease
+                journal, self.id, host=self.host, pid=self.pid, lease=self.settings.lease
             )
             self._registered.set()
             return
         with self._lock:
             running = list(self._running)
         owners.renew(
-            self.journal,
+            journal,
             self.id,
             host=self.host,
             pid=self.pid,

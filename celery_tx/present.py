@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.timeline import Span, timeline
+from celery_tx.store.owners import Lease
+
+Leases = Mapping[str, Lease]
+"""Owners' leases by owner id (``TransactionCoordinator.owner_leases``)."""
 
 BAR_WIDTH = 40
 """Characters of a timeline bar in ``celery tx show``."""
@@ -16,8 +21,11 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
 
-def outcome_json(tx: Outcome, now: datetime, *, with_steps: bool = True) -> dict[str, Any]:
-    """A transaction as a JSON-ready dict, its timeline included with its steps."""
+def outcome_json(
+    tx: Outcome, now: datetime, *, with_steps: bool = True, leases: Leases | None = None
+) -> dict[str, Any]:
+    """A transaction as a JSON-ready dict, its timeline included with its steps;
+    its owner and whether the owner's lease holds, from ``leases``."""
     data: dict[str, Any] = {
         "id": str(tx.id),
         "name": tx.name,
@@ -32,11 +40,32 @@ def outcome_json(tx: Outcome, now: datetime, *, with_steps: bool = True) -> dict
         "duration": duration(tx, now),
         "steps_done": steps_done(tx),
         "steps_total": len(tx.steps),
+        "owner": tx.owner,
+        "owner_lease": lease_state(tx, leases),
     }
     if with_steps:
         data["steps"] = [step_json(step) for step in tx.steps]
         data["timeline"] = [span_json(span, tx, now) for span in timeline(tx)]
     return data
+
+
+def lease_state(tx: Outcome, leases: Leases | None) -> str | None:
+    """Whether the owner of a transaction going on holds it: "alive" (its lease
+    holds), "released" (it stopped cleanly; its step waits in a queue),
+    "lapsed" (it died: the sweeps take the transaction over); None when it has
+    no owner, is final, or ``leases`` were not read."""
+    if tx.owner is None or tx.is_final or leases is None:
+        return None
+    lease = leases.get(tx.owner)
+    if lease is None:
+        return "lapsed"  # pruned: dead for a day
+    return "alive" if lease.alive else "released" if lease.released else "lapsed"
+
+
+def owner_text(tx: Outcome, leases: Leases | None) -> str:
+    """The owner of a transaction going on, and its lease, for people."""
+    state = lease_state(tx, leases)
+    return "-" if tx.owner is None or state is None else f"{tx.owner} (lease {state})"
 
 
 def steps_done(tx: Outcome) -> int:
@@ -122,7 +151,7 @@ def when(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def list_row(tx: Outcome, now: datetime) -> list[str]:
+def list_row(tx: Outcome, now: datetime, leases: Leases | None = None) -> list[str]:
     """A row of ``celery tx list``."""
     error = (tx.error or "").replace("\n", " ")
     return [
@@ -132,11 +161,12 @@ def list_row(tx: Outcome, now: datetime) -> list[str]:
         f"{steps_done(tx)}/{len(tx.steps)}",
         when(tx.created_at),
         seconds_text(duration(tx, now)),
+        owner_text(tx, leases),
         error if len(error) <= 60 else error[:57] + "...",
     ]
 
 
-def describe(tx: Outcome, now: datetime) -> str:
+def describe(tx: Outcome, now: datetime, leases: Leases | None = None) -> str:
     """What ``celery tx show`` prints: the transaction, its steps, its timeline."""
     lines = [
         f"transaction {tx.id}" + (f" ({tx.name})" if tx.name else ""),
@@ -147,6 +177,7 @@ def describe(tx: Outcome, now: datetime) -> str:
         f"  finished: {when(tx.finished_at)}",
         f"  deadline: {when(tx.deadline)}",
         f"  duration: {seconds_text(duration(tx, now))}",
+        f"  owner:    {owner_text(tx, leases)}",
     ]
     if tx.error:
         lines.append(f"  error:    {tx.error}")

@@ -255,7 +255,7 @@ class Sweeper:
                 lease=_LEASE,
                 limit=limit,
                 stalled_after=stalled_after,
-                orphaned=self._trusts_leases(),
+                orphaned_after=self._orphaned_after() if self._trusts_leases() else None,
             )
         except JournalUnavailable:
             self._doubt_leases()
@@ -270,6 +270,17 @@ class Sweeper:
         lapsed lease proves nothing until they have had a lease's time to renew."""
         settings = leases.settings_of(self.journal)
         self._doubted_until = time.monotonic() + settings.lease + settings.interval
+
+    def _orphaned_after(self) -> dict[str, float]:
+        """By driver kind, how long after its owner died a transaction is taken
+        over: at once, or, where the broker redelivers a dead worker's message
+        itself (``Driver.redelivers``), one lease later: its redelivery,
+        started, names a live owner, and nothing runs twice."""
+        lease = leases.settings_of(self.journal).lease
+        return {
+            kind: lease if self.drivers.by_kind(kind).redelivers else 0.0
+            for kind in self.drivers.available_kinds()
+        }
 
     def _trusts_leases(self) -> bool:
         return time.monotonic() >= self._doubted_until

@@ -80,8 +80,9 @@ def truncate_journal(url: str) -> None:
     with engine.begin() as conn:
         tables = sa.inspect(conn).get_table_names()
         if "celery_tx_transactions" in tables:
+            owners = ", celery_tx_owners" if "celery_tx_owners" in tables else ""
             conn.exec_driver_sql(
-                "TRUNCATE celery_tx_steps, celery_tx_transactions, celery_tx_schema"
+                f"TRUNCATE celery_tx_steps, celery_tx_transactions, celery_tx_schema{owners}"
             )
     engine.dispose()
 

@@ -85,3 +85,36 @@ def append_unless_flagged(flag: str, path: str, line: str) -> None:
     if os.path.exists(flag):
         raise Boom(f"{flag} is still there")
     append_line(path, line)
+
+
+BLOCK_AT = "CELERY_TX_TEST_BLOCK_AT"
+"""The environment variable naming the effect (a line) after which a process blocks."""
+BLOCKED = "CELERY_TX_TEST_BLOCKED"
+"""The environment variable naming the file a blocked process creates, to be killed."""
+
+
+def effect(path: str, line: str) -> str:
+    """Append ``line`` to the file at ``path`` (the effect); then, in a process told
+    to (``BLOCK_AT``), say so in the file ``BLOCKED`` names and block forever,
+    to be killed. Another process runs it through."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    if os.environ.get(BLOCK_AT) == line:
+        block(os.environ[BLOCKED])
+    return line
+
+
+def block(marker: str) -> None:
+    """Create ``marker`` whole (written aside, then renamed) and sleep forever."""
+    aside = marker + ".tmp"
+    with open(aside, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(aside, marker)
+    while True:
+        time.sleep(60)
+
+
+def failing_effect(path: str, line: str) -> None:
+    """Append ``line`` to the file at ``path``, then fail (an action that half-applied)."""
+    effect(path, line)
+    raise Boom(line)

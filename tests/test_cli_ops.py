@@ -132,7 +132,16 @@ def test_list_shows_every_transaction_newest_first(journal: Journal):
     result = journal.run("list")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "STATUS", "STEPS", "CREATED", "DURATION", "ERROR"]
+    assert lines[0].split() == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "STEPS",
+        "CREATED",
+        "DURATION",
+        "OWNER",
+        "ERROR",
+    ]
     newest_first = [journal.ids[s] for s in reversed(list(journal.ids))]
     assert [line.split()[0] for line in lines[1:]] == [str(i) for i in newest_first]
     assert "out of stock" in result.stdout  # the rolled back one's error

@@ -29,8 +29,8 @@ from celery_tx import (
     TxStatus,
 )
 from celery_tx.core import transitions as tr
-from tests.conftest import FAST_RETRY
 from celery_tx.store import owners
+from tests.conftest import FAST_RETRY
 from tests.journaled import journal_started, other_owner, start_without_running
 from tests.participants import append_line, fail_with
 

@@ -6,7 +6,7 @@ Kept apart from ``Journal``'s hot path: the sweeps run on a timer, never per ste
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -28,15 +28,15 @@ def claim(
     limit: int,
     past_deadline: bool = False,
     stalled_after: float | None = None,
-    orphaned: bool = False,
+    orphaned_after: Mapping[str, float] | None = None,
 ) -> list[uuid.UUID]:
     """Lease up to ``limit`` transactions a sweep should look at; their ids.
 
     Candidates have one of ``statuses`` and ``drivers``, no other sweep's lease
     running, and: their deadline passed (``past_deadline``); or no sign of life
     for ``stalled_after`` seconds (no write, no heartbeat of an owner running
-    it), or (``orphaned``) an owner whose lease lapsed, however recent their
-    last write. Every time is compared with the database's clock
+    it), or an owner whose lease lapsed over ``orphaned_after[driver]`` seconds
+    ago (0: at once), however recent their last write. Every time is compared with the database's clock
     (``schema.DbNow``), never this process's. Each is leased for ``lease``
     seconds in the same statement: concurrent sweeps get disjoint sets (on
     PostgreSQL rows another sweep is claiming are skipped, not waited for:
@@ -57,8 +57,9 @@ def claim(
         # creation time stands in, so such a transaction is still found.
         last_write = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
         due.append(last_write <= schema.DbNow(-stalled_after))
-    if orphaned:
-        due.append(sa.and_(_t.c.owner.is_not(None), sa.not_(owners.live_owner())))
+    for driver, grace in (orphaned_after or {}).items():
+        orphan = sa.and_(_t.c.owner.is_not(None), sa.not_(owners.live_owner(grace)))
+        due.append(sa.and_(_t.c.driver == driver, orphan))
     if due:
         candidates = candidates.where(sa.or_(*due))
     candidates = candidates.order_by(_t.c.created_at).limit(limit)

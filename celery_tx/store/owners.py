@@ -160,14 +160,15 @@ def prune(journal: Journal, after: float) -> int:
     return journal.run(lambda conn: conn.execute(statement).rowcount, write=True)
 
 
-def live_owner() -> sa.ColumnElement[bool]:
-    """SQL: the transaction's owner holds its lease, or stopped cleanly (it left
-    nothing running: its transactions wait in queues, under the stall rule)."""
+def live_owner(grace: float = 0.0) -> sa.ColumnElement[bool]:
+    """SQL: the transaction's owner holds its lease (or lost it less than ``grace``
+    seconds ago), or stopped cleanly (it left nothing running: its transactions
+    wait in queues, under the stall rule)."""
     return (
         sa.select(_o.c.id)
         .where(
             _o.c.id == _t.c.owner,
-            sa.or_(_o.c.lease_until > schema.DbNow(), _o.c.released),
+            sa.or_(_o.c.lease_until > schema.DbNow(-grace), _o.c.released),
         )
         .exists()
     )

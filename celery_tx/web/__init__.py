@@ -87,10 +87,11 @@ def transactions_blueprint(
     @blueprint.get("/")
     def index() -> Any:
         found, filters = listing()
+        leases = coordinator.owner_leases(found)
         now = coordinator.journal.clock()
         return render_template(
             "celery_tx/list.html",
-            rows=[present.outcome_json(t, now, with_steps=False) for t in found],
+            rows=[present.outcome_json(t, now, with_steps=False, leases=leases) for t in found],
             filters=filters,
             statuses=list(TxStatus),
             more=len(found) == PAGE_SIZE,
@@ -102,10 +103,11 @@ def transactions_blueprint(
     @blueprint.get("/<tx_id>")
     def detail(tx_id: str) -> Any:
         tx = load(tx_id)
+        leases = coordinator.owner_leases([tx])
         now = coordinator.journal.clock()
         return render_template(
             "celery_tx/detail.html",
-            tx=present.outcome_json(tx, now),
+            tx=present.outcome_json(tx, now, leases=leases),
             drawing=draw_timeline(tx, now),
             final=tx.is_final,
             refresh_ms=refresh_ms,
@@ -116,14 +118,19 @@ def transactions_blueprint(
     @blueprint.get("/api/transactions")
     def api_list() -> Any:
         found, filters = listing()
+        leases = coordinator.owner_leases(found)
         now = coordinator.journal.clock()
         return jsonify(
             page=filters["page"],
-            transactions=[present.outcome_json(t, now, with_steps=False) for t in found],
+            transactions=[
+                present.outcome_json(t, now, with_steps=False, leases=leases) for t in found
+            ],
         )
 
     @blueprint.get("/api/transactions/<tx_id>")
     def api_detail(tx_id: str) -> Any:
-        return jsonify(present.outcome_json(load(tx_id), coordinator.journal.clock()))
+        tx = load(tx_id)
+        leases = coordinator.owner_leases([tx])
+        return jsonify(present.outcome_json(tx, coordinator.journal.clock(), leases=leases))
 
     return blueprint

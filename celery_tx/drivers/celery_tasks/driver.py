@@ -48,6 +48,9 @@ class CeleryDriver:
 
     kind = KIND
     participants = "Celery tasks"
+    # With late acknowledgement the broker (or the worker's main process, when
+    # only a pool process died) redelivers a dead worker's message by itself.
+    redelivers = True
 
     def __init__(self, journal: Journal, app: Any = None) -> None:
         self.journal = journal

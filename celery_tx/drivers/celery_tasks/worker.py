@@ -92,6 +92,8 @@ def _run_step(
         _refuse(message, f"the journal runs {description.get('task')!r} here, not {task.name!r}")
     if message.phase == "action":
         if carried is not None:
+            if _handed_over_already(task, tx, position, carried):
+                _too_late(tx, position, "action")
             tx = _journal_carried(journal, tx, position, carried)
         return _run_action(task, journal, tx, position, call, owner=owner)
     return _run_compensation(task, journal, tx, position, call, owner=owner)
@@ -130,6 +132,23 @@ def _start(
     except JournalUnavailable:  # the slow way reads (retrying), then writes what is due
         logger.warning("journal unavailable, reading it instead", exc_info=True)
         return None
+
+
+def _handed_over_already(task: Any, tx: Outcome, position: int, carried: Carried) -> bool:
+    """True when another copy of the step before (two ran at once: a broker's
+    redelivery and a sweep's resend after its worker died) handed over to this
+    step first: the journal shows the step before DONE and this one started.
+    This message, neither redelivered nor a retry of its own, is a duplicate;
+    the step's own worker has it, and if that worker dies the sweeps take it
+    over when its lease lapses."""
+    previous = carried.previous
+    return (
+        previous == position - 1
+        and tx.steps[previous].status is StepStatus.DONE
+        and tx.steps[position].status is not StepStatus.PENDING
+        and not _redelivered(task)
+        and not getattr(task.request, "retries", 0)
+    )
 
 
 def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carried) -> Outcome:

@@ -42,6 +42,7 @@ class LocalDriver:
     kind = KIND
     participants = "plain callables"
     available = True  # a process can always try: what it cannot import, it says
+    redelivers = False  # nothing but a sweep runs a dead process's transactions
 
     def __init__(
         self,
