@@ -36,8 +36,8 @@ def claim(
     running, and: their deadline passed (``past_deadline``); or no sign of life
     for ``stalled_after`` seconds (no write, no heartbeat of an owner running
     it), or an owner whose lease lapsed over ``orphaned_after[driver]`` seconds
-    ago (0: at once), however recent their last write. Every time is compared with the database's clock
-    (``schema.DbNow``), never this process's. Each is leased for ``lease``
+    ago (0: at once), however recent their last write. Every time is compared
+    with the database's clock (``schema.DbNow``), never this process's. Each is leased for ``lease``
     seconds in the same statement: concurrent sweeps get disjoint sets (on
     PostgreSQL rows another sweep is claiming are skipped, not waited for:
     ``FOR UPDATE SKIP LOCKED``; SQLite serialises the claims). The lease only
