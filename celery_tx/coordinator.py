@@ -104,7 +104,10 @@ class TransactionCoordinator:
             if app is not None
             else Journal(database_url, clock=clock)
         )
-        leases.configure(self._journal, lease_settings)
+        if app is None or heartbeat_interval is not None or lease is not None:
+            # An app's journal took the app's settings when it was made: a
+            # coordinator changes them only when told to.
+            leases.configure(self._journal, lease_settings)
         self._local = LocalDriver(self._journal, retry=rollback_retry or RetryPolicy(), sleep=sleep)
         # Signatures can be registered without an app, not committed.
         self._drivers = Drivers(CeleryDriver(self._journal, app), self._local)
@@ -130,12 +133,15 @@ class TransactionCoordinator:
         return self._journal
 
     def close(self) -> None:
-        """Stop the background sweeps, if started, end this process's lease (what it
-        still runs is taken over by others at once), and release the journal's
-        connections."""
+        """Stop the background sweeps, if started, and release the journal's
+        connections. A coordinator without an app also ends this process's lease
+        on its journal (what it still runs is taken over by others at once); an
+        app's journal is shared by its coordinators and its workers' tasks, and
+        keeps the lease until the process ends."""
         if self._sweeping is not None:
             self._sweeping.set()
-        leases.stop(self._journal)
+        if self.app is None:
+            leases.stop(self._journal)
         self._journal.close()
 
     def __enter__(self) -> TransactionCoordinator:
@@ -282,12 +288,20 @@ class TransactionCoordinator:
         return self._sweeper.reap(arguments.check_limit(limit))
 
     def recover(self, stalled_after: float | None = None, limit: int = 100) -> SweepReport:
-        """Resume RUNNING or COMPENSATING transactions whose journal stopped changing.
+        """Take over the RUNNING or COMPENSATING transactions whose owner died, and
+        resume those whose next message was lost.
 
-        A transaction counts as stalled after ``stalled_after`` seconds without
-        a journal write (default: the app's ``celery_tx_stalled_after``, else 300;
-        it must exceed your longest step). It goes on from the journal alone:
-        its current action again and the rest, or its remaining compensations.
+        An owner (the process running an in-process transaction, the worker
+        process running a Celery step) is dead when its lease lapsed, by the
+        database's clock, or, on this host, when its process is gone: its
+        transactions are taken over at once (a Celery step one lease later,
+        unless the broker's redelivery started it meanwhile). A live owner keeps
+        its transactions, however long a step takes. A step whose message
+        waits in a queue (no owner runs it) is sent again once its transaction
+        shows no sign of life for ``stalled_after`` seconds (default: the app's
+        ``celery_tx_stalled_after``, else 300). Either goes on from the journal
+        alone: its current action again and the rest, or its remaining
+        compensations.
         In-process transactions run here, which needs their callables to be
         importable functions; those registered as lambdas or closures by a
         process that is gone are ended FAILED with the reason, and reported.

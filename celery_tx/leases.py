@@ -19,6 +19,7 @@ owns nothing) and stops with ``stop``; a forked child is an owner of its own.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ DEFAULT_LEASE = 15.0
 """Seconds an owner's lease holds after a heartbeat: three missed beats."""
 PRUNE_AFTER = 86400.0
 """Seconds after its lease lapsed that an owner's row is deleted."""
+_FIRST_RETRY = 0.05
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,21 @@ class LeaseSettings:
 
 
 def this_host() -> str:
-    """This host as owners name it: its name and, on Linux, its pid namespace.
+    """This host as owners name it: its name and, on Linux, its boot's id and
+    its pid namespace: what makes one host's pids another's.
 
-    Two containers that share a host name (host networking) do not share pids:
-    one must not take the other's pids for its own.
+    Two machines may share a name (replicas), and two containers a name and
+    a namespace inode (host networking; the initial namespace's inode is the
+    same on every Linux): one must never take the other's pids for its own.
     """
+    parts = [socket.gethostname()]
     try:
-        namespace = f"/pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            parts.append(boot.read().strip())
+        parts.append(f"pidns:{os.stat('/proc/self/ns/pid').st_ino}")
     except OSError:
-        namespace = ""
-    return socket.gethostname() + namespace
+        pass  # not Linux: the host name alone
+    return "/".join(parts)
 
 
 class Owner:
@@ -142,6 +149,7 @@ class Owner:
             logger.warning("could not end this owner's lease; it lapses by itself")
 
     def _beat(self) -> None:
+        pause = _FIRST_RETRY
         while not self._stop.is_set():
             journal = self._journal()
             if journal is None:
@@ -152,7 +160,10 @@ class Owner:
                 self._last_error = repr(exc)  # not the traceback: it holds the journal
                 logger.warning("heartbeat failed; the lease lapses unless one lands: %r", exc)
             del journal
-            if self._stop.wait(self.settings.interval):
+            # Until registered, a commit waits for it: try again soon, then less often.
+            wait = self.settings.interval if self._registered.is_set() else pause
+            pause = min(pause * 2, self.settings.interval)
+            if self._stop.wait(wait):
                 return
 
     def _write(self, journal: Journal) -> None:
@@ -177,6 +188,7 @@ class Owner:
 _settings: weakref.WeakKeyDictionary[Journal, LeaseSettings] = weakref.WeakKeyDictionary()
 _owners: weakref.WeakKeyDictionary[Journal, Owner] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+_stopping_at_exit: list[bool] = []
 
 
 def configure(journal: Journal, settings: LeaseSettings) -> None:
@@ -196,6 +208,10 @@ def owner_of(journal: Journal) -> Owner:
         owner = _owners.get(journal)
         if owner is None:
             in_forked_children(_forget_in_child)
+            if not _stopping_at_exit:
+                # A process that ends normally releases its leases.
+                atexit.register(stop_all)
+                _stopping_at_exit.append(True)
             owner = _owners[journal] = Owner(journal, settings_of(journal))
     owner.wait_registered()
     return owner
@@ -224,7 +240,10 @@ def stop_all() -> None:
 
 
 def _forget_in_child() -> None:
-    """A forked child is not its parent: its owner (if it needs one) is its own."""
+    """A forked child is not its parent: its owner (if it needs one) is its own.
+    Its lock is new too: another thread of the parent may have held it."""
+    global _registry_lock  # noqa: PLW0603 (made again, as the journal's locks are)
+    _registry_lock = threading.Lock()
     _owners.clear()
 
 
@@ -235,13 +254,11 @@ def dead_on_this_host(journal: Journal) -> list[str]:
     lease decides, later. The pid of this very process under another owner id
     is a predecessor's (a container restarted with the same pid): dead.
     """
+    alive = owners.alive_on(journal, this_host())
+    # Read after: an owner this process started meanwhile is among them.
     with _registry_lock:
         here = {owner.id for owner in _owners.values()}
-    dead = [
-        owner
-        for owner, pid in owners.alive_on(journal, this_host())
-        if owner not in here and not _process_exists(pid)
-    ]
+    dead = [owner for owner, pid in alive if owner not in here and not _process_exists(pid)]
     owners.expire(journal, dead)
     for owner in dead:
         logger.warning("owner %s is gone from this host: its transactions are taken over", owner)

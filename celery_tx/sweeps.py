@@ -39,11 +39,7 @@ from datetime import timedelta
 from celery_tx import leases
 from celery_tx.core import transitions as tr
 from celery_tx.core.causes import Cause
-from celery_tx.core.errors import (
-    JournalUnavailable,
-    ParticipantNotResolvable,
-    TransactionStateError,
-)
+from celery_tx.core.errors import ParticipantNotResolvable, TransactionStateError
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Driver, Drivers, Event, owned_by, start_rollback
@@ -104,7 +100,6 @@ class Sweeper:
         self.step_limit = step_limit
         self.pending = for_journal(journal)
         """This process's PENDING transactions of the journal: only it can reap them."""
-        self._doubted_until = 0.0
         self._prune_at = 0.0
 
     def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
@@ -119,7 +114,7 @@ class Sweeper:
     def reap(self, limit: int = _BATCH) -> SweepReport:
         """Roll back the transactions past their deadline (up to ``limit``)."""
         report = self._reap_pending()
-        for tx_id in candidates.claim(
+        for tx_id, _ in candidates.claim(
             self.journal,
             statuses=(TxStatus.PENDING, TxStatus.RUNNING),
             drivers=self.drivers.available_kinds(),
@@ -127,6 +122,7 @@ class Sweeper:
             limit=limit,
             past_deadline=True,
         ):
+            # Any version: a deadline, once passed, stays passed.
             self._guarded(tx_id, report, self._reap_one)
         return report
 
@@ -245,45 +241,39 @@ class Sweeper:
         this host, when its process is gone (``leases.dead_on_this_host``).
         """
         report = SweepReport()
-        try:
-            leases.dead_on_this_host(self.journal)
-            self._prune_owners()
-            claimed = candidates.claim(
-                self.journal,
-                statuses=(TxStatus.RUNNING, TxStatus.COMPENSATING),
-                drivers=self.drivers.available_kinds(),
-                lease=_LEASE,
-                limit=limit,
-                stalled_after=stalled_after,
-                orphaned_after=self._orphaned_after() if self._trusts_leases() else None,
-            )
-        except JournalUnavailable:
-            self._doubt_leases()
-            raise
-        for tx_id in claimed:
-            self._guarded(tx_id, report, self.resume)
+        leases.dead_on_this_host(self.journal)
+        self._prune_owners()
+        for tx_id, version in candidates.claim(
+            self.journal,
+            statuses=(TxStatus.RUNNING, TxStatus.COMPENSATING),
+            drivers=self.drivers.available_kinds(),
+            lease=_LEASE,
+            limit=limit,
+            stalled_after=stalled_after,
+            orphans=self._orphans() if self._trusts_leases() else None,
+        ):
+            # On the version judged stalled or orphaned, not a later one: a
+            # worker that started the step meanwhile (a redelivery) keeps it.
+            self._guarded(tx_id, report, self.resume, version=version)
         return report
 
-    def _doubt_leases(self) -> None:
-        """The journal was unreachable from here: probably from the owners too, whose
-        heartbeats could not land. Their leases lapsed without their dying, so a
-        lapsed lease proves nothing until they have had a lease's time to renew."""
-        settings = leases.settings_of(self.journal)
-        self._doubted_until = time.monotonic() + settings.lease + settings.interval
-
-    def _orphaned_after(self) -> dict[str, float]:
-        """By driver kind, how long after its owner died a transaction is taken
-        over: at once, or, where the broker redelivers a dead worker's message
-        itself (``Driver.redelivers``), one lease later: its redelivery,
-        started, names a live owner, and nothing runs twice."""
-        lease = leases.settings_of(self.journal).lease
+    def _orphans(self) -> dict[str, bool]:
+        """The kinds whose transactions a dead owner leaves are taken over, each
+        with whether its transport redelivers a dead worker's work by itself
+        (``Driver.redelivers``): then the takeover waits one lease more, for
+        the redelivery, started, to name a live owner, so nothing runs twice."""
         return {
-            kind: lease if self.drivers.by_kind(kind).redelivers else 0.0
-            for kind in self.drivers.available_kinds()
+            kind: self.drivers.by_kind(kind).redelivers for kind in self.drivers.available_kinds()
         }
 
     def _trusts_leases(self) -> bool:
-        return time.monotonic() >= self._doubted_until
+        """False for a while after the journal was unreachable from this process:
+        probably from the owners too, whose heartbeats could not land. Their
+        leases lapsed without their dying, so a lapsed lease proves nothing
+        until they have had a lease's time to renew (a pid gone does)."""
+        settings = leases.settings_of(self.journal)
+        quiet = time.monotonic() - self.journal.last_trouble
+        return quiet >= settings.lease + settings.interval
 
     def _prune_owners(self) -> None:
         """Delete long-dead owners' rows, once an hour at most."""
@@ -365,11 +355,20 @@ class Sweeper:
         return self.drivers.of(tx)
 
     def _guarded(
-        self, tx_id: uuid.UUID, report: SweepReport, work: Callable[[Outcome, SweepReport], None]
+        self,
+        tx_id: uuid.UUID,
+        report: SweepReport,
+        work: Callable[[Outcome, SweepReport], None],
+        *,
+        version: int | None = None,
     ) -> None:
-        """One transaction's sweep: a lost race is nothing, a failure is reported, not raised."""
+        """One transaction's sweep: a lost race is nothing, a failure is reported, not
+        raised. ``version``: the one a claim judged; a transaction that moved on
+        since is left for the next sweep to judge again."""
         try:
             tx = self.journal.load(tx_id)
+            if tx is not None and version is not None and tx.version != version:
+                raise TransactionStateError(f"transaction {tx_id} moved on since it was claimed")
             if tx is not None:
                 work(tx, report)
         except TransactionStateError:

@@ -373,3 +373,107 @@ def test_list_show_and_the_web_page_say_who_owns_a_transaction_and_whether_it_li
         assert "lease lapsed" in client.get(f"/tx/{ids[dead]}").get_data(as_text=True)
         coordinator.recover()  # the dead one's is taken over: final, no owner shown
         assert cli("show", str(ids[dead])).count("owner:    -") == 1
+
+
+def _journaled_for(coordinator: TransactionCoordinator, owner: str, log: Path) -> uuid.UUID:
+    """An in-process transaction journaled RUNNING by ``owner``, nothing run."""
+    from tests.journaled import journal_started
+
+    tx_id = coordinator.begin_transaction()
+    coordinator.register_participant(tx_id, "a", functools.partial(effect, str(log), "a"), print)
+    journal_started(coordinator, tx_id, owner=owner)
+    return tx_id
+
+
+def test_a_dead_owner_orphans_only_what_it_was_running_at_its_last_heartbeat(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A transaction its owner no longer ran at its last heartbeat (a Celery step
+    handed over, its next message queued) is not taken over when the owner
+    dies: the stall rule decides, as for any queued step."""
+    from tests.journaled import other_owner
+
+    with TransactionCoordinator(database_url) as coordinator:
+        journal = coordinator.journal
+        owner = other_owner(journal, alive=True)
+        queued = _journaled_for(coordinator, owner, tmp_path / "q")
+        running = _journaled_for(coordinator, owner, tmp_path / "r")
+        time.sleep(0.01)  # the heartbeat comes after both writes
+        beat = functools.partial(owners.renew, journal, owner, host="h", pid=1, lease=3600)
+        beat(running=[running])  # its last heartbeat: only one still runs there
+        owners.expire(journal, [owner])  # then it dies
+        assert coordinator.recover(stalled_after=60).resumed == [running]
+        assert coordinator.get_transaction(queued).status is TxStatus.RUNNING
+        assert coordinator.recover(stalled_after=0).resumed == [queued]  # once stalled
+
+
+def test_after_the_journal_was_unreachable_a_lapsed_lease_waits_a_lease(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The owners' heartbeats could not land either: their leases lapsed while they
+    lived. This process takes nothing over by lease until they had a lease's
+    time to renew; a pid gone from this host still counts at once."""
+    from tests.journaled import other_owner
+
+    with TransactionCoordinator(database_url, lease=1, heartbeat_interval=0.2) as coordinator:
+        tx_id = _journaled_for(
+            coordinator, other_owner(coordinator.journal, alive=False), tmp_path / "e"
+        )
+        coordinator.journal.last_trouble = time.monotonic()  # an outage just ended
+        assert coordinator.recover(stalled_after=60) == SweepReport()
+        time.sleep(1.3)
+        assert coordinator.recover(stalled_after=60).resumed == [tx_id]
+
+
+def test_a_sweep_acts_only_on_the_version_its_claim_judged(database_url: str, tmp_path: Path):
+    """A worker or owner wrote between the claim and the sweep's read: left alone,
+    for the next sweep to judge again."""
+    from celery_tx.sweeps import SweepReport as Report
+    from tests.journaled import other_owner
+
+    with TransactionCoordinator(database_url) as coordinator:
+        tx_id = _journaled_for(
+            coordinator, other_owner(coordinator.journal, alive=False), tmp_path / "e"
+        )
+        tx = coordinator.get_transaction(tx_id)
+        report = Report()
+        sweeper = coordinator._sweeper
+        sweeper._guarded(tx_id, report, sweeper.resume, version=tx.version - 1)
+        assert report == Report()
+        assert coordinator.get_transaction(tx_id) == tx
+
+
+def test_closing_one_of_an_apps_coordinators_keeps_the_process_lease(tmp_path: Path) -> None:
+    """An app's journal, and its owner, are shared by its coordinators and its
+    tasks: closing one leaves the others' transactions owned by a live owner."""
+    from celery import Celery
+
+    app = Celery("leased", broker="memory://")
+    app.conf.celery_tx_database_url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
+    with TransactionCoordinator(app=app) as first:
+        tx_id = first.begin_transaction()
+        first.register_participant(tx_id, "a", print, print)
+        first.commit_transaction(tx_id)
+        owner = leases.current_owner(first.journal)
+        assert owner is not None
+        TransactionCoordinator(app=app).close()
+        assert leases.current_owner(first.journal) is owner
+        assert first.owner_leases([first.get_transaction(tx_id)]) == {}  # final: none shown
+        assert owners.leases(first.journal, [owner.id])[owner.id].alive
+
+
+def test_an_owner_registered_twice_is_registered_once(database_url: str) -> None:
+    """A registration whose acknowledgement was lost is retried: no conflict."""
+    with TransactionCoordinator(database_url) as coordinator:
+        journal = coordinator.journal
+        for _ in range(2):
+            owners.register(journal, "h:1:x", host="h", pid=1, lease=15)
+        assert owners.leases(journal, ["h:1:x"])["h:1:x"].alive
+
+
+def test_this_host_tells_machines_and_pid_namespaces_apart() -> None:
+    host = leases.this_host()
+    assert host.startswith(__import__("socket").gethostname())
+    if Path("/proc/sys/kernel/random/boot_id").exists():
+        assert Path("/proc/sys/kernel/random/boot_id").read_text().strip() in host
+        assert "pidns:" in host

@@ -28,15 +28,17 @@ def claim(
     limit: int,
     past_deadline: bool = False,
     stalled_after: float | None = None,
-    orphaned_after: Mapping[str, float] | None = None,
-) -> list[uuid.UUID]:
-    """Lease up to ``limit`` transactions a sweep should look at; their ids.
+    orphans: Mapping[str, bool] | None = None,
+) -> list[tuple[uuid.UUID, int]]:
+    """Lease up to ``limit`` transactions a sweep should look at; their ids, each
+    with the version it was judged on.
 
     Candidates have one of ``statuses`` and ``drivers``, no other sweep's lease
     running, and: their deadline passed (``past_deadline``); or no sign of life
     for ``stalled_after`` seconds (no write, no heartbeat of an owner running
-    it), or an owner whose lease lapsed over ``orphaned_after[driver]`` seconds
-    ago (0: at once), however recent their last write. Every time is compared
+    it), or, for the driver kinds in ``orphans``, an owner that died running
+    them (``owners.orphaned``; ``orphans[kind]``: the kind's broker redelivers),
+    however recent their last write. Every time is compared
     with the database's clock (``schema.DbNow``), never this process's. Each is leased for ``lease``
     seconds in the same statement: concurrent sweeps get disjoint sets (on
     PostgreSQL rows another sweep is claiming are skipped, not waited for:
@@ -57,9 +59,8 @@ def claim(
         # creation time stands in, so such a transaction is still found.
         last_write = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
         due.append(last_write <= schema.DbNow(-stalled_after))
-    for driver, grace in (orphaned_after or {}).items():
-        orphan = sa.and_(_t.c.owner.is_not(None), sa.not_(owners.live_owner(grace)))
-        due.append(sa.and_(_t.c.driver == driver, orphan))
+    for driver, redelivered in (orphans or {}).items():
+        due.append(sa.and_(_t.c.driver == driver, owners.orphaned(redelivered=redelivered)))
     if due:
         candidates = candidates.where(sa.or_(*due))
     candidates = candidates.order_by(_t.c.created_at).limit(limit)
@@ -68,11 +69,11 @@ def claim(
         sa.update(_t)
         .where(_t.c.id.in_(candidates.scalar_subquery()))
         .values(claimed_until=schema.DbNow(lease))
-        .returning(_t.c.id)
+        .returning(_t.c.id, _t.c.version)
     )
 
-    def statements(conn: Connection) -> list[uuid.UUID]:
-        return list(conn.execute(statement).scalars())
+    def statements(conn: Connection) -> list[tuple[uuid.UUID, int]]:
+        return [(row.id, row.version) for row in conn.execute(statement)]
 
     return journal.run(statements, write=True)
 

@@ -12,11 +12,12 @@ migrated on first use. It knows nothing of transactions: ``Journal`` does.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -62,6 +63,9 @@ class Database:
         _renew_locks_after_fork(self)
         self._schema_ready = False
         self._prepared = sql.PreparedWrites(self.engine.dialect)
+        self.last_trouble = -math.inf
+        """When (``time.monotonic()``) a statement last found the database
+        unreachable: the sweeps doubt lapsed leases for a while after."""
 
     def _new_locks(self) -> None:
         """The in-process locks; made again in a forked child (``_fresh_locks_in_child``)."""
@@ -138,7 +142,8 @@ class Database:
         else:
 
             def send(retried: bool) -> Any:
-                return postgres.send(engine, statement, parameters)
+                with self._noting_trouble():
+                    return postgres.send(engine, statement, parameters)
 
         return send(False) if write else self._patiently(send)
 
@@ -150,7 +155,7 @@ class Database:
         engine = self.pools.for_work(write=True, durable=durable, single=False)
         if instrumented(engine):
             return self._transaction(statements, write=True, durable=durable)
-        with self._serial, self._writers:
+        with self._serial, self._writers, self._noting_trouble():
             return sqlite.write(engine, statements, durable=durable)
 
     def _patiently(self, attempt: Callable[[bool], _T], *, warn: bool = False) -> _T:
@@ -190,6 +195,7 @@ class Database:
             # A unique key hit by a concurrent writer: the same race the version guards.
             raise JournalConflict(str(exc.orig)) from exc
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            self.last_trouble = time.monotonic()
             raise JournalUnavailable(
                 f"the journal database is unavailable: {exc.orig}", transient=True
             ) from exc
@@ -197,6 +203,16 @@ class Database:
             # A statement the database refuses leaves the journal as it was; retrying
             # would not help, but the caller must still get a typed error.
             raise JournalUnavailable(f"the journal database refused a write: {exc.orig}") from exc
+
+    @contextmanager
+    def _noting_trouble(self) -> Iterator[None]:
+        """Note when the statements inside found the database unreachable."""
+        try:
+            yield
+        except JournalUnavailable as exc:
+            if exc.transient:
+                self.last_trouble = time.monotonic()
+            raise
 
     def _ensure_schema(self) -> None:
         with self._schema_lock:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from celery_tx.core.status import TxStatus
@@ -42,21 +44,27 @@ class Lease:
 
 
 def register(journal: Journal, owner: str, *, host: str, pid: int, lease: float) -> None:
-    """Journal a new owner, its lease running for ``lease`` seconds from now."""
+    """Journal a new owner, its lease running for ``lease`` seconds from now.
+
+    Once: a retry whose first try landed (its acknowledgement lost) finds the
+    row there, and that is the owner's own row (its id is unique).
+    """
     journal.run(lambda conn: _insert(conn, owner, host, pid, lease), write=True)
 
 
 def _insert(conn: Connection, owner: str, host: str, pid: int, lease: float) -> None:
-    conn.execute(
-        _o.insert().values(
-            id=owner,
-            host=host,
-            pid=pid,
-            started_at=schema.DbNow(),
-            lease_until=schema.DbNow(lease),
-            released=False,
-        )
-    )
+    values = {
+        "id": owner,
+        "host": host,
+        "pid": pid,
+        "started_at": schema.DbNow(),
+        "renewed_at": schema.DbNow(),
+        "lease_until": schema.DbNow(lease),
+        "lease": lease,
+        "released": False,
+    }
+    insert = sqlite_insert if conn.dialect.name == "sqlite" else postgresql_insert
+    conn.execute(insert(_o).values(values).on_conflict_do_nothing(index_elements=["id"]))
 
 
 def renew(
@@ -72,20 +80,22 @@ def renew(
     marks the transactions it is running as alive (their ``updated_at``), so that
     no sweep takes a step that is merely slow for a stalled one.
 
-    The row comes back if it was pruned (an owner silent for a day, then alive).
+    The row comes back if it was pruned (an owner silent for a day, then
+    alive); a released owner (stopped) stays released.
     """
 
     def statements(conn: Connection) -> None:
         extended = conn.execute(
             _o.update()
-            .where(_o.c.id == owner)
-            .values(lease_until=schema.DbNow(lease), released=False)
+            .where(_o.c.id == owner, sa.not_(_o.c.released))
+            .values(renewed_at=schema.DbNow(), lease_until=schema.DbNow(lease))
         )
         if extended.rowcount == 0:
             _insert(conn, owner, host, pid, lease)
         if running:
             # Not a compare-and-set write: the record of progress is not part of
-            # a transaction's snapshot, and no version moves.
+            # a transaction's snapshot, and no version moves. After the lease's
+            # write: a transaction marked alive is never older than its beat.
             conn.execute(
                 _t.update()
                 .where(_t.c.id.in_(list(running)), _t.c.status.in_(_GOING_ON))
@@ -160,15 +170,38 @@ def prune(journal: Journal, after: float) -> int:
     return journal.run(lambda conn: conn.execute(statement).rowcount, write=True)
 
 
-def live_owner(grace: float = 0.0) -> sa.ColumnElement[bool]:
-    """SQL: the transaction's owner holds its lease (or lost it less than ``grace``
-    seconds ago), or stopped cleanly (it left nothing running: its transactions
-    wait in queues, under the stall rule)."""
-    return (
+def orphaned(*, redelivered: bool) -> sa.ColumnElement[bool]:
+    """SQL: the transaction's owner died while running it.
+
+    Its owner is named, and no row of it says otherwise: a lease that holds (or
+    lapsed less than one lease ago, when ``redelivered``: a broker gives a dead
+    worker's message to another by itself, whose start then names a live
+    owner), a clean stop (nothing was running), or a heartbeat after the
+    transaction's last sign of life (the owner was no longer running it: its
+    next message waits in a queue, under the stall rule). A missing row is a
+    long-dead owner's.
+    """
+    grace = -_o.c.lease if redelivered else sa.literal_column("0.0")
+    last_sign = sa.func.coalesce(_t.c.updated_at, _t.c.created_at)
+    vouched = (
         sa.select(_o.c.id)
         .where(
             _o.c.id == _t.c.owner,
-            sa.or_(_o.c.lease_until > schema.DbNow(-grace), _o.c.released),
+            sa.or_(
+                _o.c.lease_until > schema.DbNow(grace),
+                _o.c.released,
+                _o.c.renewed_at > last_sign,
+            ),
         )
+        .exists()
+    )
+    return sa.and_(_t.c.owner.is_not(None), sa.not_(vouched))
+
+
+def live_owner() -> sa.ColumnElement[bool]:
+    """SQL: the transaction's owner holds its lease."""
+    return (
+        sa.select(_o.c.id)
+        .where(_o.c.id == _t.c.owner, _o.c.lease_until > schema.DbNow(), sa.not_(_o.c.released))
         .exists()
     )

@@ -302,9 +302,15 @@ owners = sa.Table(
     sa.Column("host", sa.String(300), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
-    # The database's time (never a process's) until which the owner is alive;
-    # its heartbeat moves it on.
+    # The database's time (never a process's) of its last heartbeat, and until
+    # which the owner is alive. A transaction it names but did not mark alive
+    # at that heartbeat was not running in it (its next message waits in a
+    # queue): its death does not orphan it.
+    sa.Column("renewed_at", UTCDateTime, nullable=False),
     sa.Column("lease_until", UTCDateTime, nullable=False),
+    # Its lease, in seconds: where a broker redelivers a dead worker's message,
+    # the sweeps wait that long again before taking its step over.
+    sa.Column("lease", sa.Float, nullable=False),
     # Stopped cleanly with nothing of any transaction running: what it started
     # is left to the rules for queued steps, not taken over.
     sa.Column("released", sa.Boolean, nullable=False, default=False),

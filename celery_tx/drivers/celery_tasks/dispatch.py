@@ -24,7 +24,7 @@ from celery_tx.core.errors import InvalidArgument, InvalidParticipant, Transacti
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error
-from celery_tx.driver import start_rollback
+from celery_tx.driver import owned_by, start_rollback
 from celery_tx.drivers.celery_tasks import binding, messages
 from celery_tx.logs import tx_extra
 from celery_tx.store import Journal
@@ -139,7 +139,10 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
         raise TransactionStateError(f"step {name!r} is {tx.steps[position].status} now")
 
     try:
-        start_rollback(journal, tx, fail, lambda t: send_compensations(app, journal, t))
+        # No owner from here: the compensations wait in a queue until a worker
+        # starts one (and journals itself their owner).
+        rollback = owned_by(None, fail)
+        start_rollback(journal, tx, rollback, lambda t: send_compensations(app, journal, t))
     except TransactionStateError:  # another errback, a sweep or an operator won
         logger.info("errback lost the race to roll back", extra=tx_extra(tx.id, name))
         return

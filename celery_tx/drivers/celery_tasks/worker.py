@@ -32,7 +32,7 @@ from celery_tx import leases
 from celery_tx.context import StepContext, running_step
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import JournalUnavailable, TransactionStateError
-from celery_tx.core.outcome import Outcome
+from celery_tx.core.outcome import Outcome, evolve
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.core.values import describe_error, recordable
@@ -92,9 +92,9 @@ def _run_step(
         _refuse(message, f"the journal runs {description.get('task')!r} here, not {task.name!r}")
     if message.phase == "action":
         if carried is not None:
-            if _handed_over_already(task, tx, position, carried):
+            if _handed_over_already(task, tx, position, carried, owner):
                 _too_late(tx, position, "action")
-            tx = _journal_carried(journal, tx, position, carried)
+            tx = _journal_carried(journal, tx, position, carried, owner)
         return _run_action(task, journal, tx, position, call, owner=owner)
     return _run_compensation(task, journal, tx, position, call, owner=owner)
 
@@ -134,24 +134,30 @@ def _start(
         return None
 
 
-def _handed_over_already(task: Any, tx: Outcome, position: int, carried: Carried) -> bool:
+def _handed_over_already(
+    task: Any, tx: Outcome, position: int, carried: Carried, owner: str
+) -> bool:
     """True when another copy of the step before (two ran at once: a broker's
     redelivery and a sweep's resend after its worker died) handed over to this
-    step first: the journal shows the step before DONE and this one started.
-    This message, neither redelivered nor a retry of its own, is a duplicate;
-    the step's own worker has it, and if that worker dies the sweeps take it
-    over when its lease lapses."""
+    step first: the journal shows the step before DONE and this one started by
+    another owner. This message, neither redelivered nor a retry of its own, is
+    a duplicate; the step's own worker has it, and if that worker dies the
+    sweeps take it over. (Started by this very process: its own conditional
+    write landed and only the acknowledgement was lost; it runs.)"""
     previous = carried.previous
     return (
         previous == position - 1
         and tx.steps[previous].status is StepStatus.DONE
         and tx.steps[position].status is not StepStatus.PENDING
+        and tx.owner != owner
         and not _redelivered(task)
         and not getattr(task.request, "retries", 0)
     )
 
 
-def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carried) -> Outcome:
+def _journal_carried(
+    journal: Journal, tx: Outcome, position: int, carried: Carried, owner: str
+) -> Outcome:
     """The slow way with a hand-over: journal the previous step's end, if still due.
 
     One event, whatever the journal holds when it lands: RUNNING, the previous
@@ -169,7 +175,7 @@ def _journal_carried(journal: Journal, tx: Outcome, position: int, carried: Carr
             return tr.record_late_result(current, previous, carried.result)
         if current.deadline is not None and now > current.deadline:
             return tr.finish_action(current, previous, carried.result, now)
-        return tr.advance(current, previous, carried.result, now)
+        return evolve(tr.advance(current, previous, carried.result, now), owner=owner)
 
     try:
         return journal.apply(tx, event)
@@ -193,7 +199,23 @@ def _run_action(
         # counts its attempt here too, before the function runs.
         start = owned_by(owner, _start_event(journal, position))
         tx = _apply_or_too_late(journal, tx, position, "action", start)
+    elif tx.owner != owner:
+        # Started by a sweep's resend, or an earlier try of a Celery retry: this
+        # process runs it now, and its lease must cover it (one write, not per
+        # step: only when the step changes hands).
+        tx = _apply_or_too_late(journal, tx, position, "action", _take_over(position, owner))
     return _run_started(task, journal, tx, position, call)
+
+
+def _take_over(position: int, owner: str) -> Event:
+    """The transaction owned by ``owner``, only while its action at ``position`` runs."""
+
+    def event(tx: Outcome) -> Outcome:
+        if tx.status is not TxStatus.RUNNING or tx.steps[position].status is not StepStatus.RUNNING:
+            raise TransactionStateError(f"step {tx.steps[position].name!r} no longer runs")
+        return evolve(tx, owner=owner)
+
+    return event
 
 
 def _run_started(task: Any, journal: Journal, tx: Outcome, position: int, call: Call) -> Any:
@@ -253,7 +275,8 @@ def _abort_past_deadline(task: Any, journal: Journal, tx: Outcome, position: int
         return dispatch.send_compensations(task.app, journal, t)
 
     try:
-        start_rollback(journal, tx, abort, compensate)
+        # No owner from here: the compensations wait in a queue.
+        start_rollback(journal, tx, owned_by(None, abort), compensate)
     except TransactionStateError:  # moved on meanwhile: as a late message
         _too_late(journal.load(tx.id) or tx, position, "action")
     logger.warning("rolling back: %s", error, extra=tx_extra(tx.id, running))
