@@ -37,6 +37,7 @@ PUBLIC = {
     "sweep_once",
     "Outcome",
     "StepOutcome",
+    "Lease",
     "TxStatus",
     "StepStatus",
     "RetryPolicy",

@@ -144,6 +144,7 @@ def test_a_worker_killed_mid_step_has_it_finished_once_its_lease_lapses(
     finally:
         _stop(second)
     took = time.monotonic() - killed_at
+    print(f"{stack.name}: worker killed mid-step, committed {took:.1f} s after the kill")
     log = (tmp_path / "second.log").read_text()
     assert outcome.status is TxStatus.COMMITTED, log[-3000:]
     # A worker's start (a few seconds here), the lease, the step's 2 s again:
