@@ -22,6 +22,7 @@ from celery_tx.core.errors import (
     TransactionNotFound,
     TransactionStateError,
 )
+from celery_tx.core.lease import Lease
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.stats import Durations, TransactionStats
@@ -33,7 +34,6 @@ from celery_tx.drivers.celery_tasks.task import ParticipantTask, participant
 from celery_tx.handles import CommitHandle
 from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_metrics
 from celery_tx.step_barrier import barrier
-from celery_tx.store.owners import Lease
 from celery_tx.sweeps import SweepReport
 from celery_tx.web import WebUnavailable, transactions_blueprint
 

@@ -25,6 +25,7 @@ from celery_tx.clock import Clock, utc_now
 from celery_tx.core import stats as tx_stats
 from celery_tx.core import transitions as tr
 from celery_tx.core.errors import InvalidArgument, TransactionNotFound
+from celery_tx.core.lease import Lease
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
 from celery_tx.core.status import TxStatus
@@ -38,7 +39,6 @@ from celery_tx.logs import tx_extra
 from celery_tx.operations import Operations
 from celery_tx.pending import GONE, PendingTransactions, for_journal
 from celery_tx.store import Journal, owners, queries
-from celery_tx.store.owners import Lease
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
 logger = logging.getLogger("celery_tx.coordinator")

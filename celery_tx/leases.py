@@ -44,6 +44,8 @@ DEFAULT_LEASE = 15.0
 PRUNE_AFTER = 86400.0
 """Seconds after its lease lapsed that an owner's row is deleted."""
 _FIRST_RETRY = 0.05
+HEARTBEAT_THREAD = "celery-tx-heartbeat"
+"""The name of each owner's heartbeat thread (whose writes are per process, not per step)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class Owner:
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._last_error = "none yet"
-        self._thread = threading.Thread(target=self._beat, name="celery-tx-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=HEARTBEAT_THREAD, daemon=True)
         self._thread.start()
 
     def wait_registered(self) -> None:

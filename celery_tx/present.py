@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from celery_tx.core.lease import Lease
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.timeline import Span, timeline
-from celery_tx.store.owners import Lease
 
 Leases = Mapping[str, Lease]
 """Owners' leases by owner id (``TransactionCoordinator.owner_leases``)."""

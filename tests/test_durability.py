@@ -15,6 +15,7 @@ compensations append to as well: the order of flushes and effects is the list's.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from celery_tx import TransactionCoordinator, TxStatus
+from celery_tx.leases import HEARTBEAT_THREAD
 from celery_tx.store.engine import WRITE
 
 DURABLE = "durable"
@@ -50,7 +52,12 @@ class Recorder:
             self.call = "-"
 
     def on_commit(self, conn: Connection) -> None:
-        """Record whether this commit is durable, read from the committing DBAPI connection."""
+        """Record whether this commit is durable, read from the committing DBAPI connection.
+
+        Not the heartbeat's (the owner's lease: per process and interval, never
+        per transaction)."""
+        if threading.current_thread().name == HEARTBEAT_THREAD:
+            return
         dbapi_connection = conn.connection.dbapi_connection
         assert dbapi_connection is not None
         if self.backend == "sqlite":

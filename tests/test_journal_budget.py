@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from celery_tx import TransactionCoordinator, TxStatus
+from celery_tx.leases import HEARTBEAT_THREAD
 from celery_tx.store.engine import WRITE
 from tests.apps import tasks
 
@@ -58,7 +59,11 @@ def test_the_commits_of_a_four_step_transaction(
 
     def who() -> str:
         thread = threading.current_thread()
-        return "client" if thread is client else "waiters" if thread.name == WAITERS else "worker"
+        if thread is client:
+            return "client"
+        if thread.name == HEARTBEAT_THREAD:  # per process and interval, never per step
+            return "heartbeat"
+        return "waiters" if thread.name == WAITERS else "worker"
 
     def kind(conn: Any) -> str:
         return "write" if conn.get_execution_options().get(WRITE) else "read"

@@ -286,7 +286,7 @@ def test_the_heartbeat_writes_once_per_interval_however_many_transactions_run(
     beats: list[str] = []
 
     def heard(conn, cursor, statement, *args):
-        if threading.current_thread().name == "celery-tx-heartbeat":
+        if threading.current_thread().name == leases.HEARTBEAT_THREAD:
             beats.append(statement.split("SET")[0].strip())
 
     with TransactionCoordinator(database_url, heartbeat_interval=0.1, lease=1) as owner:

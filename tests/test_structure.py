@@ -29,7 +29,7 @@ LAYERS = [
         "celery_tx.step_barrier",
     ],
     ["celery_tx.store"],
-    ["celery_tx.handles", "celery_tx.metrics", "celery_tx.pending"],
+    ["celery_tx.handles", "celery_tx.metrics", "celery_tx.pending", "celery_tx.leases"],
     ["celery_tx.driver"],
     ["celery_tx.sweeps"],
     ["celery_tx.drivers"],

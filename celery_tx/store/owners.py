@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
+from celery_tx.core.lease import Lease
 from celery_tx.core.status import TxStatus
 from celery_tx.store import schema
 from celery_tx.store.journal import Journal
@@ -27,20 +26,6 @@ from celery_tx.store.journal import Journal
 _o = schema.owners
 _t = schema.transactions
 _GOING_ON = (TxStatus.RUNNING.value, TxStatus.COMPENSATING.value)
-
-
-@dataclass(frozen=True)
-class Lease:
-    """An owner's row, as the operators' commands show it."""
-
-    owner: str
-    host: str
-    pid: int
-    lease_until: datetime
-    alive: bool
-    """The lease holds by the database's clock, and the owner did not stop."""
-    released: bool
-    """It stopped cleanly, with nothing running."""
 
 
 def register(journal: Journal, owner: str, *, host: str, pid: int, lease: float) -> None:
