@@ -15,8 +15,9 @@ this test:
   so the journal must never hold them, and nothing of them may run.
 
 Messages of killed workers come back by redelivery (RabbitMQ at once) or by the
-workers' sweeps (Redis keeps them unacknowledged for an hour): the stall time is
-short here so that the sweeps do that work within the test.
+workers' sweeps (Redis keeps them unacknowledged for an hour), once the killed
+worker's lease lapsed: the lease and the stall time are short here so that the
+sweeps do that work within the test.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ORDERS = 1000
 STALLED_AFTER = 5  # seconds; the demo's customers keep the queues short
+LEASE = 3  # seconds
 CHAOS_SECONDS = 45  # then the rest of the orders run undisturbed, and the sweeps catch up
 
 _COMMITTER = """
@@ -162,6 +164,10 @@ def chaos_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[s
         CELERY_TX_DATA_DIR=str(tmp_path / "data"),
         CELERY_TX_STALLED_AFTER=str(STALLED_AFTER),
         CELERY_TX_SWEEP_INTERVAL="1",
+        # A killed worker's steps are taken over a lease after it died (one
+        # more, for the broker's redelivery): short here, as the stall time.
+        CELERY_TX_LEASE=str(LEASE),
+        CELERY_TX_HEARTBEAT_INTERVAL=str(LEASE / 3),
         SHOP_SMTP_PORT=str(_free_port()),
     )
     if broker == "embedded":  # filesystem broker, SQLite journal and shop databases
