@@ -246,6 +246,32 @@ def test_a_host_whose_clock_is_an_hour_off_neither_reaps_nor_resumes(
     assert outcome.steps[0].attempts == 1
 
 
+def test_an_owner_whose_clock_is_an_hour_behind_is_not_taken_for_stalled(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Its writes are stamped with the database's time, not its own: a sweeper
+    with a correct clock sees its transaction as recent, and leaves it alone."""
+    log = tmp_path / "effects.log"
+    hour_behind = lambda: datetime.now(UTC) - timedelta(hours=1)  # noqa: E731
+    with (
+        TransactionCoordinator(database_url, clock=hour_behind) as owner,
+        TransactionCoordinator(database_url) as other,
+    ):
+        tx_id = owner.begin_transaction()
+        owner.register_participant(
+            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
+        )
+        handle = owner.commit_transaction_async(tx_id)
+        reports = SweepReport()
+        while not other.get_transaction(tx_id).is_final:
+            reports.add(other.reap()).add(other.recover(stalled_after=300))
+            time.sleep(0.1)
+        outcome = handle.wait(timeout=30)
+    assert reports == SweepReport()
+    assert outcome.status is TxStatus.COMMITTED
+    assert outcome.steps[0].attempts == 1
+
+
 def test_an_owner_that_looked_dead_stops_at_its_next_write(database_url: str, tmp_path: Path):
     """Its lease lapsed while it lived (a long pause): another process took the
     transaction over; the first one's next write is refused, and only the one
