@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from celery_tx import (
     InvalidArgument,
+    Outcome,
     StepStatus,
     SweepReport,
     TransactionCoordinator,
@@ -220,27 +221,34 @@ def test_a_live_owner_keeps_its_transaction_however_long_its_step(
     assert log.read_text().splitlines() == ["slow", "next"]
 
 
+def _swept_while_it_runs(
+    owner: TransactionCoordinator, sweeper: TransactionCoordinator, log: Path, **begin: object
+) -> tuple[SweepReport, Outcome]:
+    """``owner`` commits a one-step transaction whose step takes a second, while
+    ``sweeper`` reaps and recovers every 0.1 s: what the sweeps did, and the end."""
+    tx_id = owner.begin_transaction(**begin)  # type: ignore[arg-type]
+    owner.register_participant(
+        tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
+    )
+    handle = owner.commit_transaction_async(tx_id)
+    reports = SweepReport()
+    while not sweeper.get_transaction(tx_id).is_final:
+        reports.add(sweeper.reap()).add(sweeper.recover(stalled_after=300))
+        time.sleep(0.1)
+    return reports, handle.wait(timeout=30)
+
+
 def test_a_host_whose_clock_is_an_hour_off_neither_reaps_nor_resumes(
     database_url: str, tmp_path: Path
 ) -> None:
     """Deadlines, stalls and leases are compared with the database's clock: a
     sweeper whose clock is an hour ahead sees a live transaction as it is."""
-    log = tmp_path / "effects.log"
     hour_ahead = lambda: datetime.now(UTC) + timedelta(hours=1)  # noqa: E731
     with (
         TransactionCoordinator(database_url) as owner,
         TransactionCoordinator(database_url, clock=hour_ahead) as skewed,
     ):
-        tx_id = owner.begin_transaction(timeout=600)
-        owner.register_participant(
-            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
-        )
-        handle = owner.commit_transaction_async(tx_id)
-        reports = SweepReport()
-        while not skewed.get_transaction(tx_id).is_final:
-            reports.add(skewed.reap()).add(skewed.recover(stalled_after=300))
-            time.sleep(0.1)
-        outcome = handle.wait(timeout=30)
+        reports, outcome = _swept_while_it_runs(owner, skewed, tmp_path / "e.log", timeout=600)
     assert reports == SweepReport()
     assert outcome.status is TxStatus.COMMITTED
     assert outcome.steps[0].attempts == 1
@@ -251,22 +259,12 @@ def test_an_owner_whose_clock_is_an_hour_behind_is_not_taken_for_stalled(
 ) -> None:
     """Its writes are stamped with the database's time, not its own: a sweeper
     with a correct clock sees its transaction as recent, and leaves it alone."""
-    log = tmp_path / "effects.log"
     hour_behind = lambda: datetime.now(UTC) - timedelta(hours=1)  # noqa: E731
     with (
         TransactionCoordinator(database_url, clock=hour_behind) as owner,
         TransactionCoordinator(database_url) as other,
     ):
-        tx_id = owner.begin_transaction()
-        owner.register_participant(
-            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
-        )
-        handle = owner.commit_transaction_async(tx_id)
-        reports = SweepReport()
-        while not other.get_transaction(tx_id).is_final:
-            reports.add(other.reap()).add(other.recover(stalled_after=300))
-            time.sleep(0.1)
-        outcome = handle.wait(timeout=30)
+        reports, outcome = _swept_while_it_runs(owner, other, tmp_path / "e.log")
     assert reports == SweepReport()
     assert outcome.status is TxStatus.COMMITTED
     assert outcome.steps[0].attempts == 1

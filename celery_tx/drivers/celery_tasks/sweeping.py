@@ -61,7 +61,7 @@ _sweepers: weakref.WeakKeyDictionary[Any, Sweeper] = weakref.WeakKeyDictionary()
 
 def _sweeper_of(app: Any) -> Sweeper:
     """The app's sweeper in this process: one, for what it remembers between
-    sweeps (an outage seen, when it last pruned the owners)."""
+    sweeps (when it last pruned the owners' rows)."""
     sweeper = _sweepers.get(app)
     journal = binding.journal_for(app)
     if sweeper is None or sweeper.journal is not journal:
@@ -73,9 +73,8 @@ def _sweeper_of(app: Any) -> Sweeper:
 
 def stop_owning(**_: Any) -> None:
     """``worker_process_shutdown`` and ``worker_shutdown``: end this worker
-    process's leases. A warm
-    shutdown finished its steps, so nothing is taken over; a step still
-    running (a cold one) is, at once."""
+    process's leases. A warm shutdown finished its steps, so nothing is taken
+    over; a step still running (a cold one) is, at once."""
     leases.stop_all()
 
 
