@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa
 
-from celery_tx import TransactionCoordinator
+from celery_tx import TransactionCoordinator, resumable
 from celery_tx.core.status import TxStatus
 from celery_tx.store import schema
 from celery_tx.store.engine import DURABLE, resolve_database_url
@@ -71,8 +71,10 @@ COUNTED = 200
 FLOOR_TARGET = 0.6  # issue 13: the library at 0.6 of the minimal journal, or more
 
 
+@resumable(name="bench.noop")
 def noop() -> None:
-    """A participant that does nothing (its action and its compensation)."""
+    """A participant that does nothing (its action and its compensation); declared
+    resumable, as an application's participants are."""
 
 
 @dataclass
@@ -289,7 +291,7 @@ class RawWrites:
         """(durable, [(sql, params, many)]) for each write transaction of one saga."""
         tx_id = uuid.uuid4()
         tid = self.uid(tx_id)
-        desc = json.dumps({"kind": "callable", "repr": repr(noop), "ref": "bench:noop"})
+        desc = json.dumps({"kind": "callable", "repr": repr(noop), "name": "bench.noop"})
         version = 0
         row = (tid, TX_NAME, "PENDING", "local", 0, None, None, self.now(), None, None, None)
         yield False, [(self.insert_tx, row, False)]
@@ -471,7 +473,7 @@ class MinimalWrites:
     def writes(self) -> Iterator[tuple[bool, list[tuple[str, Any, bool]]]]:
         """(flushed, [(sql, params, many)]) for each write of one transaction."""
         tid = self.uid(uuid.uuid4())
-        desc = json.dumps({"kind": "callable", "repr": repr(noop), "ref": "bench:noop"})
+        desc = json.dumps({"kind": "callable", "repr": repr(noop), "name": "bench.noop"})
         now = self.now()
         steps: list[Any] = []
         for i in range(PARTICIPANTS):

@@ -31,6 +31,7 @@ from celery_tx.core.timeline import Span, timeline
 from celery_tx.drivers.celery_tasks.signals import transaction_finished
 from celery_tx.drivers.celery_tasks.sweeping import sweep_once
 from celery_tx.drivers.celery_tasks.task import ParticipantTask, participant
+from celery_tx.drivers.local.resumable import resumable
 from celery_tx.handles import CommitHandle
 from celery_tx.metrics import JournalCollector, MetricsUnavailable, install_metrics
 from celery_tx.step_barrier import barrier
@@ -58,6 +59,8 @@ __all__ = [
     # participants as Celery tasks
     "participant",
     "ParticipantTask",
+    # in-process participants another process may resume
+    "resumable",
     # inside a participant
     "current_step",
     "StepContext",

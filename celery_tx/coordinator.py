@@ -191,9 +191,10 @@ class TransactionCoordinator:
         Either Celery signatures of participant tasks (``charge.s("o-1", 500)``):
         without ``rollback_function`` the action's declared compensation is
         called with the same arguments. Or plain callables, called without
-        arguments in the committing process: importable functions (and partials
-        of them with JSON arguments) can be committed by any process sharing the
-        journal, lambdas and closures only by this coordinator. One transaction
+        arguments in the committing process: functions declared ``@resumable``
+        (and partials of them with JSON arguments) can be resumed by any process
+        sharing the journal that declared them too; anything else (lambdas,
+        closures, undeclared functions) runs only in this process. One transaction
         holds one kind. ``rollback_retry`` overrides how a failing rollback is
         retried for this participant.
         """
@@ -303,8 +304,10 @@ class TransactionCoordinator:
         alone: its current action again and the rest, or its remaining
         compensations.
         In-process transactions run here, which needs their callables to be
-        importable functions; those registered as lambdas or closures by a
-        process that is gone are ended FAILED with the reason, and reported.
+        functions this process declared ``@resumable``; those registered as
+        anything else by a process that is gone (or naming anything undeclared
+        here) are ended FAILED with the reason, logged and reported: nothing
+        is imported or run.
         Celery transactions (with ``app``) are sent to the workers again.
         """
         if stalled_after is None:
@@ -347,7 +350,7 @@ class TransactionCoordinator:
         snapshot is returned; Celery ones are sent and the snapshot after
         sending is returned (poll ``get_transaction``). Any other status raises
         ``TransactionStateError``; a process that cannot run the participants
-        (no app, callables it cannot import) raises ``ParticipantNotResolvable``
+        (no app, participants it has not declared) raises ``ParticipantNotResolvable``
         before anything changes.
         """
         return self._operations.retry(parse_tx_id(tx_id), force=force)

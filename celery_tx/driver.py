@@ -88,13 +88,10 @@ class Driver(Protocol):
     def commit_async(self, tx: Outcome) -> CommitHandle:
         """Run or send a transaction ``start`` journaled; return a handle to wait on."""
 
-    def check(self, tx: Outcome, *, strict: bool = False) -> None:
-        """Raise ``ParticipantNotResolvable`` if this process cannot carry ``tx`` on.
-
-        ``strict``: also refuse now what would only be refused when a step is
-        started (a task the app does not know), as an operator's call must
-        before it writes anything.
-        """
+    def check(self, tx: Outcome) -> None:
+        """Raise ``ParticipantNotResolvable`` if this process cannot carry ``tx`` on:
+        every action and compensation the journal names must be a participant
+        this process declared. Called before anything is journaled or run."""
 
     def resume(self, tx: Outcome, position: int) -> Outcome:
         """Run or send the actions of a RUNNING transaction from ``position``

@@ -50,7 +50,7 @@ class Operations:
             return self._resume(tx, force)
         tr.retry_failed(tx, self.journal.clock())  # refuses any other status, before the checks
         driver = self.drivers.of(tx)
-        driver.check(tx, strict=True)
+        driver.check(tx)
 
         def compensate(t: Outcome) -> Outcome:
             logger.warning("retrying the failed compensations", extra=tx_extra(t.id))
@@ -66,7 +66,7 @@ class Operations:
         )
 
     def _resume(self, tx: Outcome, force: bool) -> Outcome:
-        self.drivers.of(tx).check(tx, strict=True)
+        self.drivers.of(tx).check(tx)
         if not force:
             self._require_stalled(tx)
         report = SweepReport()
@@ -126,7 +126,7 @@ class Operations:
                 )
             # Checked on the state written, not the one first read: a PENDING one
             # committed meanwhile must have compensations this process can run.
-            self.drivers.of(current).check(current, strict=True)
+            self.drivers.of(current).check(current)
             running = tr.running_step_name(current)
             aborted = tr.begin_compensation(current, now, failed_step=running, error=reason)
             # Compensated from here on: this process (or its workers) owns it now.

@@ -1,4 +1,4 @@
-"""Participants for tests: recorders, and importable functions other processes can run."""
+"""Participants for tests: recorders, and ``@resumable`` functions other processes can run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from celery_tx import resumable
 
 
 class Boom(Exception):
@@ -59,8 +61,9 @@ class Recorder:
         return [name for name, p in self.calls if p == phase]
 
 
+@resumable
 def append_line(path: str, line: str) -> None:
-    """An importable participant: append a line to a file (atomic for short lines)."""
+    """A resumable participant: append a line to a file (atomic for short lines)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())
@@ -68,19 +71,22 @@ def append_line(path: str, line: str) -> None:
         os.close(fd)
 
 
+@resumable
 def fail_with(message: str) -> None:
-    """An importable participant that always fails."""
+    """A resumable participant that always fails."""
     raise Boom(message)
 
 
+@resumable
 def append_line_slowly(path: str, line: str, seconds: float) -> None:
-    """An importable participant: append a line, then take a while (a window to crash in)."""
+    """A resumable participant: append a line, then take a while (a window to crash in)."""
     append_line(path, line)
     time.sleep(seconds)
 
 
+@resumable
 def append_unless_flagged(flag: str, path: str, line: str) -> None:
-    """An importable participant that fails while the file ``flag`` exists (a bug not
+    """A resumable participant that fails while the file ``flag`` exists (a bug not
     fixed yet), then appends a line to ``path``."""
     if os.path.exists(flag):
         raise Boom(f"{flag} is still there")
@@ -93,6 +99,7 @@ BLOCKED = "CELERY_TX_TEST_BLOCKED"
 """The environment variable naming the file a blocked process creates, to be killed."""
 
 
+@resumable
 def effect(path: str, line: str) -> str:
     """Append ``line`` to the file at ``path`` (the effect); then, in a process told
     to (``BLOCK_AT``), say so in the file ``BLOCKED`` names and block forever,
@@ -114,7 +121,13 @@ def block(marker: str) -> None:
         time.sleep(60)
 
 
+@resumable
 def failing_effect(path: str, line: str) -> None:
     """Append ``line`` to the file at ``path``, then fail (an action that half-applied)."""
     effect(path, line)
     raise Boom(line)
+
+
+@resumable
+def nothing(*_: object) -> None:
+    """A resumable participant that does nothing (an action or undo without effect)."""

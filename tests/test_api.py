@@ -56,6 +56,7 @@ PUBLIC = {
     "current_step",
     "StepContext",
     "participant",
+    "resumable",
     "ParticipantTask",
     "CommitHandle",
     "BrokerUnavailable",

@@ -724,7 +724,9 @@ def test_a_journaled_compensation_that_is_not_declared_is_refused_not_run(
     a, b, c = outcome.steps
     assert a.status is StepStatus.COMPENSATION_FAILED
     assert "refused" in (a.compensation_error or "")
-    assert "'os.system', which is not a celery-tx compensation task" in (a.compensation_error or "")
+    assert "'os.system' as its compensation, which is not a celery-tx compensation task" in (
+        a.compensation_error or ""
+    )
     assert (b.status, c.status) == (StepStatus.COMPENSATED, StepStatus.COMPENSATED)
     assert effects(path) == [
         "a:action",
@@ -741,8 +743,8 @@ def test_a_journaled_action_that_is_not_declared_is_not_sent(
     coordinator: TransactionCoordinator, celery_app: Any, stack: Stack, path: str
 ) -> None:
     """A journaled step whose action was rewritten to os.system after the commit's write:
-    a coordinator resuming it from the journal (its first message was lost) refuses it
-    with InvalidParticipant, and sends nothing."""
+    a coordinator resuming it from the journal (its first message was lost) refuses it,
+    sends nothing, and ends it FAILED with the reason (nothing had run)."""
     tx_id = coordinator.begin_transaction()
     coordinator.register_participant(tx_id, "a", tasks.step.s(path, "a"))
     start_without_running(coordinator, tx_id)  # journaled; its message never sent
@@ -750,10 +752,11 @@ def test_a_journaled_action_that_is_not_declared_is_not_sent(
     with TransactionCoordinator(app=celery_app) as other:  # reads the row, not a cache
         report = other.recover(stalled_after=0)
         tx = other.get_transaction(tx_id)
-    ((failed_id, error),) = report.errors
+    ((failed_id, error),) = report.failed
     assert failed_id == tx_id
-    assert "names 'os.system', which is not a celery-tx action task in this process" in error
-    assert tx.status is TxStatus.RUNNING  # left for an operator: nothing ran
+    assert "names 'os.system' as its action, which is not a celery-tx action task" in error
+    assert tx.status is TxStatus.ROLLED_BACK  # its step had not started: nothing to undo
+    assert "not a celery-tx action task" in (tx.error or "")
     assert _sent(stack) == []
     assert effects(path) == []
 

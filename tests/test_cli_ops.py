@@ -27,7 +27,7 @@ from celery_tx.cli import tx
 from celery_tx.core import transitions as tr
 from celery_tx.store.schema import transactions
 from tests.journaled import journal_pending, journal_started
-from tests.participants import append_line, append_unless_flagged, fail_with
+from tests.participants import append_line, append_unless_flagged, fail_with, nothing
 
 ROOT = Path(__file__).resolve().parent.parent
 ONCE = RetryPolicy(max_attempts=1, initial_delay=0)
@@ -92,7 +92,7 @@ def journal(database_url: str, tmp_path: Path) -> Journal:
                 append_unless_flagged, str(flag), str(effects), "failed.charge undone"
             ),
         )
-        c.register_participant(failed, "stock", functools.partial(fail_with, "no stock"), print)
+        c.register_participant(failed, "stock", functools.partial(fail_with, "no stock"), nothing)
         c.commit_transaction(failed)
 
         ids[TxStatus.PENDING] = pending = c.begin_transaction(name="order", timeout=3600)

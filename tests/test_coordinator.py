@@ -272,7 +272,7 @@ def test_another_coordinator_sees_the_journal(
         assert other.get_transaction(tx_id) == outcome
 
 
-def test_importable_participants_run_from_another_coordinator(
+def test_resumable_participants_run_from_another_coordinator(
     coordinator: TransactionCoordinator, database_url: str, tmp_path: object
 ) -> None:
     """Importable participants can be committed by a coordinator that did not register them."""

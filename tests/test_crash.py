@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from celery_tx import StepStatus, TransactionCoordinator, TransactionNotFound, TxStatus
+from tests import participants as _declares_the_participants  # noqa: F401  (this process resumes them)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,13 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 _CHILD = """
 import functools, sys
 from celery_tx import TransactionCoordinator
-from tests.participants import append_line_slowly
+from tests.participants import append_line_slowly, nothing
 url, log, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 with TransactionCoordinator(url) as coordinator:
     tx_id = coordinator.begin_transaction(name="crash")
     for i in range(5):
         action = functools.partial(append_line_slowly, log, f"s{i} done", 0.02)
-        coordinator.register_participant(tx_id, f"s{i}", action, print)
+        coordinator.register_participant(tx_id, f"s{i}", action, nothing)
     with open(ready, "w") as f:
         f.write(str(tx_id))
     coordinator.commit_transaction(tx_id)

@@ -263,17 +263,18 @@ def test_a_journal_that_went_back_in_time_is_not_trusted(database_url: str) -> N
         assert coordinator.get_transaction(tx_id).status is TxStatus.RUNNING  # for recovery
 
 
-def test_partials_whose_arguments_json_would_change_are_not_importable(tmp_path: object) -> None:
-    """A partial is journaled by import path only if another process would call it the same way."""
+def test_partials_whose_arguments_json_would_change_are_not_resumable(tmp_path: object) -> None:
+    """A partial is journaled by its declared name only if another process would call it
+    the same way."""
     same = callables.describe(functools.partial(append_line, "/tmp/x", "line"), role="commit")
-    assert same["ref"] is not None
+    assert same["name"] == "tests.participants.append_line"
     assert callables.resolve(same).args == ("/tmp/x", "line")  # type: ignore[attr-defined]
     changed = callables.describe(
         functools.partial(append_line, ("/tmp", "x"), "line"), role="commit"
     )
-    assert changed["ref"] is None
-    int_keys = callables.describe(functools.partial(dict, {1: 2}), role="commit")
-    assert int_keys["ref"] is None
+    assert changed["name"] is None
+    int_keys = callables.describe(functools.partial(append_line, {1: 2}, "x"), role="commit")
+    assert int_keys["name"] is None
 
 
 @pytest.mark.parametrize(

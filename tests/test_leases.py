@@ -34,7 +34,7 @@ from celery_tx import (
     leases,
 )
 from celery_tx.store import owners
-from tests.participants import BLOCK_AT, BLOCKED, append_line_slowly, effect
+from tests.participants import BLOCK_AT, BLOCKED, append_line_slowly, effect, nothing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,10 +204,10 @@ def test_a_live_owner_keeps_its_transaction_however_long_its_step(
     ):
         tx_id = owner.begin_transaction()
         owner.register_participant(
-            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.5), print
+            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.5), nothing
         )
         owner.register_participant(
-            tx_id, "next", functools.partial(effect, str(log), "next"), print
+            tx_id, "next", functools.partial(effect, str(log), "next"), nothing
         )
         handle = owner.commit_transaction_async(tx_id)
         reports = SweepReport()
@@ -228,7 +228,7 @@ def _swept_while_it_runs(
     ``sweeper`` reaps and recovers every 0.1 s: what the sweeps did, and the end."""
     tx_id = owner.begin_transaction(**begin)  # type: ignore[arg-type]
     owner.register_participant(
-        tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
+        tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), nothing
     )
     handle = owner.commit_transaction_async(tx_id)
     reports = SweepReport()
@@ -281,10 +281,10 @@ def test_an_owner_that_looked_dead_stops_at_its_next_write(database_url: str, tm
     ):
         tx_id = paused.begin_transaction()
         paused.register_participant(
-            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), print
+            tx_id, "slow", functools.partial(append_line_slowly, str(log), "slow", 1.0), nothing
         )
         paused.register_participant(
-            tx_id, "next", functools.partial(effect, str(log), "next"), print
+            tx_id, "next", functools.partial(effect, str(log), "next"), nothing
         )
         handle = paused.commit_transaction_async(tx_id)
         while not log.exists():
@@ -319,7 +319,7 @@ def test_the_heartbeat_writes_once_per_interval_however_many_transactions_run(
         handles = []
         for _ in range(5):
             tx_id = owner.begin_transaction()
-            owner.register_participant(tx_id, "slow", slow, print)
+            owner.register_participant(tx_id, "slow", slow, nothing)
             handles.append(owner.commit_transaction_async(tx_id))
         for handle in handles:
             assert handle.wait(timeout=30).status is TxStatus.COMMITTED
@@ -366,7 +366,7 @@ def test_list_show_and_the_web_page_say_who_owns_a_transaction_and_whether_it_li
         ids = {}
         for owner in (alive, dead):
             ids[owner] = tx_id = coordinator.begin_transaction()
-            coordinator.register_participant(tx_id, "a", print, print)
+            coordinator.register_participant(tx_id, "a", nothing, nothing)
             journal_started(coordinator, tx_id, owner=owner)
 
         def cli(*args: str) -> str:
@@ -398,7 +398,7 @@ def _journaled_for(coordinator: TransactionCoordinator, owner: str, log: Path) -
     from tests.journaled import journal_started
 
     tx_id = coordinator.begin_transaction()
-    coordinator.register_participant(tx_id, "a", functools.partial(effect, str(log), "a"), print)
+    coordinator.register_participant(tx_id, "a", functools.partial(effect, str(log), "a"), nothing)
     journal_started(coordinator, tx_id, owner=owner)
     return tx_id
 
@@ -470,7 +470,7 @@ def test_closing_one_of_an_apps_coordinators_keeps_the_process_lease(tmp_path: P
     app.conf.celery_tx_database_url = f"sqlite:///{tmp_path / 'j.sqlite3'}"
     with TransactionCoordinator(app=app) as first:
         tx_id = first.begin_transaction()
-        first.register_participant(tx_id, "a", print, print)
+        first.register_participant(tx_id, "a", nothing, nothing)
         first.commit_transaction(tx_id)
         owner = leases.current_owner(first.journal)
         assert owner is not None

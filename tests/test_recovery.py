@@ -67,7 +67,7 @@ def effects(log: Path) -> list[str]:
 def register_steps(
     coordinator: TransactionCoordinator, log: Path, count: int, timeout: float | None = None
 ) -> uuid.UUID:
-    """A transaction of importable participants that append to ``log``."""
+    """A transaction of @resumable participants that append to ``log``."""
     tx_id = coordinator.begin_transaction(name="recover-me", timeout=timeout)
     for i in range(count):
         coordinator.register_participant(
@@ -153,7 +153,7 @@ def test_lambdas_cannot_be_resumed_and_end_failed_with_the_reason(database_url, 
     outcome = sweeper.get_transaction(tx_id)
     assert outcome.status is TxStatus.FAILED
     assert outcome.steps[0].status is StepStatus.COMPENSATION_FAILED
-    assert "not an importable function" in outcome.steps[0].compensation_error
+    assert "not declared @resumable" in outcome.steps[0].compensation_error
 
 
 def test_the_process_holding_lambdas_resumes_them_and_can_retry_them_once_fixed(database_url):

@@ -30,9 +30,10 @@ class InvalidParticipant(CeleryTxError, TypeError):
 class ParticipantNotResolvable(CeleryTxError, LookupError):
     """Raised when a journaled participant cannot be found in this process.
 
-    An in-process participant registered as a lambda or closure lives only in the
-    process that registered it; another process can run it only if it is an
-    importable function.
+    A process runs only the participants it declared: Celery tasks with
+    ``@participant``, in-process functions with ``@resumable``. Anything else a
+    journal row names (a lambda registered by another process, a function or
+    task not declared here) is refused, never imported or run.
     """
 
 

@@ -200,18 +200,17 @@ class CeleryDriver:
             logger.exception("could not send compensations", extra=tx_extra(tx.id))
             return tx
 
-    def check(self, tx: Outcome, *, strict: bool = False) -> None:
-        """An app to send with; ``strict``: also a participant task of this process's
-        app for every action and compensation the journal names."""
+    def check(self, tx: Outcome) -> None:
+        """An app to send with, and a declared participant task of this process
+        for every action and compensation the journal names: a row naming
+        anything else (another task, an in-process callable) is refused before
+        anything is sent."""
         if self.app is None:
             raise ParticipantNotResolvable(
                 f"transaction {tx.id} has Celery task participants: this needs "
                 "TransactionCoordinator(app=...) (celery -A proj tx ...)"
             )
-        if not strict:
-            return
-        messages.import_participants(self.app)
-        for step in tx.steps:  # a task this process does not know would be refused later
+        for step in tx.steps:
             for phase in ("action", "compensation"):
                 try:
                     messages.build_signature(self.app, tx, step.position, phase)

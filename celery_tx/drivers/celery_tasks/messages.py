@@ -211,12 +211,19 @@ def build_signature(
     step = tx.steps[position]
     description = step.action if phase == "action" else step.compensation
     role: registry.Role = "action" if phase == "action" else "compensation"
-    if _lookup(app, description.get("task", ""), role) is None:
+    task = description.get("task") if isinstance(description, dict) else None
+    if not isinstance(task, str) or _lookup(app, task, role) is None:
         raise InvalidParticipant(
-            f"step {step.name!r} of transaction {tx.id} names {description.get('task')!r}, "
-            f"which is not a celery-tx {role} task in this process"
+            f"step {step.name!r} of transaction {tx.id} names {task!r} as its {phase}, "
+            f"which is not a celery-tx {role} task in this process; nothing was sent"
         )
-    args, kwargs = decode_arguments(description)
+    try:
+        args, kwargs = decode_arguments(description)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidParticipant(
+            f"step {step.name!r} of transaction {tx.id} journals malformed {phase} "
+            f"arguments: {exc!r}"
+        ) from exc
     kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
     if carried:
         kwargs[TX_CARRIED] = True

@@ -1,25 +1,28 @@
 """Journal descriptions of plain callables, and resolving them back.
 
-A participant registered as an importable function (or a ``functools.partial`` of
-one whose arguments JSON keeps unchanged) is journaled by module and qualified name, so
-any process can run it: another coordinator committing the transaction, or
-recovery after a crash. Lambdas, closures and bound methods are journaled by
-``repr`` only and can run only in the process that registered them.
+A participant declared ``@resumable`` (or a ``functools.partial`` of one whose
+arguments JSON keeps unchanged) is journaled by its declared name, so any
+process that declared it too can run it: another coordinator committing the
+transaction, or recovery after a crash. Anything else (lambdas, closures,
+bound methods, functions not declared) is journaled by ``repr`` only and runs
+only in the process that registered it.
+
+Resolving never imports anything: a name is looked up among the functions this
+process declared (``resumable``), so a journal row cannot make a process run a
+function it did not declare.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
 import json
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from celery import Task
 
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
+from celery_tx.drivers.local import resumable
 
 DESCRIPTION_KIND = "callable"
 """The ``kind`` of a journaled in-process call."""
@@ -42,12 +45,12 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
     description: dict[str, Any] = {
         "kind": DESCRIPTION_KIND,
         "repr": repr(function)[:200],
-        "ref": None,
+        "name": None,
     }
     target, args, kwargs = _unwrap_partial(function)
-    ref = _import_path(target)
-    if ref is not None and _survives_json(list(args)) and _survives_json(kwargs):
-        description["ref"] = ref
+    name = resumable.name_of(target)
+    if name is not None and _survives_json(list(args)) and _survives_json(kwargs):
+        description["name"] = name
         if args:
             description["args"] = list(args)
         if kwargs:
@@ -56,60 +59,41 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
 
 
 def resolve(description: dict[str, Any]) -> Callable[[], Any]:
-    """The callable a description names; ``ParticipantNotResolvable`` if it can't."""
-    ref = description.get("ref")
-    if description.get("kind") != DESCRIPTION_KIND or not ref:
+    """The callable a description names; ``ParticipantNotResolvable`` unless it
+    names a function this process declared ``@resumable``."""
+    if description.get("kind") != DESCRIPTION_KIND:
         raise ParticipantNotResolvable(
-            f"{description.get('repr', description)} is not an importable function; "
-            "only the process that registered it can run it"
+            f"{_shown(description)} is not an in-process participant; nothing was run"
         )
-    module_name, _, qualname = ref.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ParticipantNotResolvable(f"cannot import {ref}: {exc}") from exc
+    name = description.get("name")
+    if name is None and "ref" not in description:
+        raise ParticipantNotResolvable(
+            f"{_shown(description)} was not declared @resumable; only the process "
+            "that registered it can run it"
+        )
+    if name is None:  # journaled by an earlier version: its import path
+        name = str(description["ref"]).replace(":", ".")
+    target = resumable.lookup(name)
+    if target is None:
+        raise ParticipantNotResolvable(
+            f"{name!r} is not a @resumable function in this process (import the "
+            "modules that declare the participants when it starts); nothing was run"
+        )
     args, kwargs = description.get("args", []), description.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ParticipantNotResolvable(f"{name!r} is journaled with malformed arguments")
     return functools.partial(target, *args, **kwargs) if args or kwargs else target
+
+
+def _shown(description: dict[str, Any]) -> str:
+    """A journaled description, short, for an error message."""
+    return str(description.get("repr") or description)[:200]
 
 
 def _unwrap_partial(function: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     if isinstance(function, functools.partial):
         return function.func, function.args, dict(function.keywords)
     return function, (), {}
-
-
-def _import_path(function: Any) -> str | None:
-    """``module:qualname`` when importing that yields ``function`` itself.
-
-    Worked out once per function object (while it lives): a participant is
-    registered again with every transaction."""
-    try:
-        return _IMPORT_PATHS[function]
-    except (KeyError, TypeError):  # not known yet, or not weakly referable
-        pass
-    ref = _find_import_path(function)
-    with contextlib.suppress(TypeError):
-        _IMPORT_PATHS[function] = ref
-    return ref
-
-
-_IMPORT_PATHS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
-
-
-def _find_import_path(function: Any) -> str | None:
-    module = getattr(function, "__module__", None)
-    qualname = getattr(function, "__qualname__", None)
-    if not module or not qualname or "<" in qualname:  # "<lambda>", "<locals>"
-        return None
-    try:
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if found is function else None
 
 
 def _survives_json(value: Any) -> bool:

@@ -1,9 +1,11 @@
 """``LocalDriver``: participants are plain callables, run in the calling process.
 
-Importable functions (and partials of them with JSON arguments) are journaled by
-module and qualified name, so any process sharing the journal can resume them.
-Lambdas and closures run only in the process that registered them: from the
-commit on it holds them here, by step position.
+Functions declared ``@resumable`` (and partials of them with JSON arguments) are
+journaled by their declared name, so any process sharing the journal that
+declared them too can resume them. Anything else (lambdas, closures, functions
+not declared) runs only in the process that registered it: from the commit on
+it holds them here, by step position. A Celery worker has no ``LocalDriver``:
+it never runs an in-process transaction.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class LocalDriver:
             self.forget(tx.id)
         return tx
 
-    def check(self, tx: Outcome, *, strict: bool = False) -> None:
+    def check(self, tx: Outcome) -> None:
         """Resolve every step: ``ParticipantNotResolvable`` for one this process cannot run."""
         self._resolve_all(tx)
 
