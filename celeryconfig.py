@@ -13,6 +13,8 @@
   a sweep resumes a transaction; more than your longest step.
 - ``CELERY_TX_DEFAULT_TIMEOUT`` (unset: none): the deadline, in seconds, of
   transactions begun without one.
+- ``CELERY_TX_PENDING_LIFETIME`` (3600): seconds a transaction may stay PENDING
+  (begun, not committed) before it ends ROLLED_BACK.
 - ``CELERY_TX_HEARTBEAT_INTERVAL`` (5) and ``CELERY_TX_LEASE`` (15): how often each
   worker process renews its lease in the journal, and how long it holds; a
   worker that dies has its running steps taken over once it lapses.
@@ -38,6 +40,7 @@ celery_tx_sweep_interval = float(os.environ.get("CELERY_TX_SWEEP_INTERVAL") or 3
 celery_tx_stalled_after = float(os.environ.get("CELERY_TX_STALLED_AFTER") or 300)
 celery_tx_heartbeat_interval = float(os.environ.get("CELERY_TX_HEARTBEAT_INTERVAL") or 5)
 celery_tx_lease = float(os.environ.get("CELERY_TX_LEASE") or 15)
+celery_tx_pending_lifetime = float(os.environ.get("CELERY_TX_PENDING_LIFETIME") or 3600)
 celery_tx_default_timeout = (
     float(os.environ["CELERY_TX_DEFAULT_TIMEOUT"])
     if os.environ.get("CELERY_TX_DEFAULT_TIMEOUT")

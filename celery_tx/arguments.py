@@ -18,14 +18,28 @@ MAX_AGE = timedelta(days=365 * 100)
 """Further back than any journal, and than ``datetime.min``."""
 
 
+MAX_SECONDS = MAX_AGE.total_seconds()
+"""The longest timeout, interval or age (100 years): longer ones overflow the
+clocks and timers they are added to."""
+MAX_PAGE_NUMBER = 100_000
+"""The last page a listing (``celery tx list``, the web page) may ask for."""
+MAX_OFFSET = MAX_PAGE_NUMBER * MAX_PAGE_SIZE
+"""The most transactions a listing may skip."""
+
+
 def check_timeout(timeout: object, what: str = "timeout") -> None:
-    """Refuse a timeout that is not None or a finite number of seconds, zero or more."""
+    """Refuse a timeout that is not None or a finite number of seconds, from zero
+    to ``MAX_SECONDS``."""
     if timeout is None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise InvalidArgument(f"{what} must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout) or timeout < 0:
         raise InvalidArgument(f"{what} must be zero or more seconds, got {timeout!r}")
+    if timeout > MAX_SECONDS:
+        raise InvalidArgument(
+            f"{what} must be at most {MAX_SECONDS:.0f} seconds (100 years), got {timeout!r}"
+        )
 
 
 def check_name(what: str, value: object, *, optional: bool = False) -> None:

@@ -14,12 +14,18 @@ and its configuration as every Celery command does::
 
 Tables for people, ``--json`` for scripts. Exit codes: 0 done; 1 the journal or
 the broker failed, or a sweep left transactions for later; 2 bad usage (an
-option, a malformed id); 3 no such transaction; 4 not possible in the
-transaction's status (aborting a COMMITTED one, retrying a ROLLED_BACK one).
+option, a malformed id, ``purge`` without ``--yes`` where nobody can confirm);
+3 no such transaction; 4 not possible in the transaction's status (aborting a
+COMMITTED one, retrying a ROLLED_BACK one).
+
+What the journal holds is anyone's input (names, error messages): its control
+characters are printed escaped (``\x1b``, ``\r``), never sent to the terminal,
+in tables, errors and JSON alike.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -31,7 +37,7 @@ from typing import Any
 import click
 
 from celery_tx import present
-from celery_tx.arguments import MAX_PAGE_SIZE
+from celery_tx.arguments import MAX_PAGE_NUMBER, MAX_PAGE_SIZE, MAX_SECONDS
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.errors import (
     CeleryTxError,
@@ -47,7 +53,6 @@ from celery_tx.sweeps import SweepReport
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_STATE = 1, 2, 3, 4
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_MAX_DURATION = 100 * 365 * 86400
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 only
@@ -65,14 +70,14 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click
         if not parts or "".join(n + u for n, u in parts) != text:
             self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 1h30m", param, ctx)
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-        if seconds > _MAX_DURATION:
+        if seconds > MAX_SECONDS:
             self.fail(f"{value!r} is longer than 100 years", param, ctx)
         return timedelta(seconds=seconds)
 
 
 def _fail(exc: CeleryTxError, code: int) -> click.exceptions.Exit:
     """Say what went wrong on stderr, as click does, and exit with our code."""
-    click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+    click.echo(f"Error: {type(exc).__name__}: {present.visible(str(exc))}", err=True)
     return click.exceptions.Exit(code)
 
 
@@ -89,10 +94,38 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)
 
 
+def _imports(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--import MODULE``: for the commands that run participants."""
+    return click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        metavar="MODULE",
+        callback=_import_modules,
+        expose_value=False,
+        help="Import this module first (repeatable): the ones declaring your @resumable "
+        "in-process participants. The app's task modules are imported anyway.",
+    )(command)
+
+
+def _import_modules(ctx: click.Context, param: click.Parameter, modules: tuple[str, ...]) -> None:
+    """Import what the operator named, as an application does at startup: a
+    process runs only the participants it declared (never a module the journal names)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise click.BadParameter(f"cannot import {module!r}: {exc}", ctx, param) from exc
+
+
 @contextmanager
 def _coordinator(ctx: click.Context, database_url: str | None) -> Iterator[TransactionCoordinator]:
     """The coordinator on the app's journal (or ``--database-url``), errors as exit codes."""
     app = getattr(ctx.obj, "app", None)
+    if app is not None:
+        # The app's task modules, as its workers import them: they may declare
+        # @resumable functions too.
+        app.loader.import_default_modules()
     try:
         coordinator = TransactionCoordinator(database_url or None, app=app)
         with coordinator:
@@ -108,7 +141,9 @@ def _coordinator(ctx: click.Context, database_url: str | None) -> Iterator[Trans
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+    # json.dumps escapes every other control character (C0 as \u00XX, the rest
+    # with ensure_ascii); DEL is the one JSON allows raw.
+    click.echo(json.dumps(data, indent=2).replace("\x7f", "\\u007f"))
 
 
 # -- list and show -------------------------------------------------------------
@@ -126,7 +161,7 @@ def _echo_json(data: Any) -> None:
 @click.option("--older-than", type=Duration(), help="Created longer ago than this (e.g. 1h).")
 @click.option("--newer-than", type=Duration(), help="Created within this (e.g. 15m).")
 @click.option("--limit", type=click.IntRange(1, MAX_PAGE_SIZE), default=50, show_default=True)
-@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page", type=click.IntRange(1, MAX_PAGE_NUMBER), default=1, show_default=True)
 @_common
 @click.pass_context
 def list_command(
@@ -198,6 +233,7 @@ def show(ctx: click.Context, tx_id: str, database_url: str | None, as_json: bool
     help="Resume a RUNNING/COMPENSATING one even if it is not stalled (may run a step twice).",
 )
 @_common
+@_imports
 @click.pass_context
 def retry(
     ctx: click.Context, tx_id: str, force: bool, database_url: str | None, as_json: bool
@@ -213,6 +249,7 @@ def retry(
 @click.argument("tx_id")
 @click.option("--reason", default="aborted by an operator", show_default=True)
 @_common
+@_imports
 @click.pass_context
 def abort(
     ctx: click.Context, tx_id: str, reason: str, database_url: str | None, as_json: bool
@@ -239,6 +276,7 @@ _limit = click.option("--limit", type=click.IntRange(min=1), default=100, show_d
 @tx.command()
 @_limit
 @_common
+@_imports
 @click.pass_context
 def reap(ctx: click.Context, database_url: str | None, limit: int, as_json: bool) -> None:
     """Roll back transactions still PENDING or RUNNING past their deadline."""
@@ -250,12 +288,13 @@ def reap(ctx: click.Context, database_url: str | None, limit: int, as_json: bool
 @tx.command()
 @click.option(
     "--stalled-after",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(0, MAX_SECONDS),
     default=None,
     help="Seconds without a journal write (default: the app's, else 300).",
 )
 @_limit
 @_common
+@_imports
 @click.pass_context
 def recover(
     ctx: click.Context,
@@ -283,7 +322,8 @@ def _report(ctx: click.Context, report: SweepReport, as_json: bool) -> None:
         for label, entries in summary.items():
             click.echo(f"{label.replace('_', ' ')}: {len(entries)}")
             for entry in entries:
-                click.echo(f"  {entry if isinstance(entry, str) else ' '.join(entry.values())}")
+                text = entry if isinstance(entry, str) else " ".join(entry.values())
+                click.echo(f"  {present.visible(text)}")
     if report.errors:
         ctx.exit(EXIT_FAILED)
 
@@ -332,9 +372,8 @@ def stats(
         click.echo("oldest open: none")
     else:
         age = present.seconds_text((now - oldest.created_at).total_seconds())
-        click.echo(
-            f"oldest open: {oldest.id} ({oldest.name or 'unnamed'}) {oldest.status}, {age} old"
-        )
+        name = present.visible(oldest.name or "unnamed")
+        click.echo(f"oldest open: {oldest.id} ({name}) {oldest.status}, {age} old")
 
 
 @tx.command()
@@ -354,8 +393,22 @@ def purge(
     database_url: str | None,
     as_json: bool,
 ) -> None:
-    """Delete finished (COMMITTED, ROLLED_BACK, FAILED) transactions; never open ones."""
-    if not yes and sys.stdin.isatty():
+    """Delete finished (COMMITTED, ROLLED_BACK, FAILED) transactions; never open ones.
+
+    Asks first; where nobody can answer (cron, a pipe, ssh without a terminal)
+    it refuses unless given ``--yes``."""
+    if older_than <= timedelta(0):
+        raise click.BadParameter(
+            "must be more than 0: purging everything that has finished is never what "
+            "a schedule means (use 1s if you do mean it)",
+            param_hint="'--older-than'",
+        )
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError(
+                "refusing to delete without confirmation: stdin is not a terminal; "
+                "pass --yes to purge non-interactively"
+            )
         click.confirm(
             f"Delete every final transaction that finished more than {older_than} ago?",
             abort=True,

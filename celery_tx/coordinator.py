@@ -43,6 +43,12 @@ from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_
 
 logger = logging.getLogger("celery_tx.coordinator")
 
+DEFAULT_PENDING_LIFETIME = 3600.0
+"""Seconds a transaction may stay PENDING before it ends ROLLED_BACK."""
+PENDING_LIFETIME_KEY = "celery_tx_pending_lifetime"
+"""The app setting that overrides ``DEFAULT_PENDING_LIFETIME``."""
+_EXPIRY_CHECK_EVERY = 60.0
+
 
 class TransactionCoordinator:
     """Runs distributed transactions whose every state change is journaled in SQL.
@@ -58,7 +64,10 @@ class TransactionCoordinator:
     database, and its workers sweep it. ``rollback_retry`` is the default policy
     for retrying an in-process rollback function that raises.
     ``default_timeout`` (seconds, or the app's ``celery_tx_default_timeout``) is
-    the deadline of transactions begun without one. ``clock`` is where the
+    the deadline of transactions begun without one. ``pending_lifetime``
+    (seconds, or the app's ``celery_tx_pending_lifetime``, else 3600) is how long
+    a transaction may stay PENDING, begun and not committed, before it ends
+    ROLLED_BACK, whatever its deadline. ``clock`` is where the
     times this coordinator records come from (the coordinators of one app
     share its journal and so its clock); what is late or stalled is decided by
     the database's clock, which every process shares. ``sleep`` is how it
@@ -87,6 +96,7 @@ class TransactionCoordinator:
         sleep: Callable[[float], None] = time.sleep,
         heartbeat_interval: float | None = None,
         lease: float | None = None,
+        pending_lifetime: float | None = None,
     ) -> None:
         if app is not None and not hasattr(app, "send_task"):
             raise InvalidArgument(f"app must be a Celery app, got {app!r}")
@@ -96,6 +106,16 @@ class TransactionCoordinator:
         check_timeout(default_timeout, "default_timeout")
         self.default_timeout = default_timeout
         """The deadline, in seconds, of a transaction begun without ``timeout``."""
+        if pending_lifetime is None and app is not None:
+            pending_lifetime = app.conf.get(PENDING_LIFETIME_KEY)
+        if pending_lifetime is None:
+            pending_lifetime = DEFAULT_PENDING_LIFETIME
+        check_timeout(pending_lifetime, "pending_lifetime")
+        if pending_lifetime <= 0:
+            raise InvalidArgument(f"pending_lifetime must be positive, got {pending_lifetime!r}")
+        self.pending_lifetime = float(pending_lifetime)
+        """Seconds a transaction may stay PENDING (begun, not committed) before it
+        ends ROLLED_BACK, whatever its deadline."""
         self.app = app
         """The Celery app whose workers run task participants (None: in-process only)."""
         self._journal = (
@@ -118,6 +138,8 @@ class TransactionCoordinator:
         self._pending: PendingTransactions = for_journal(self._journal)
         self._lock = threading.Lock()
         self._sweeping: threading.Event | None = None
+        self._expiring = threading.Lock()
+        self._expire_at = 0.0
         metrics.install_default()
         hooks.install(app)  # the Celery driver's, with or without an app
 
@@ -160,7 +182,9 @@ class TransactionCoordinator:
         ends first it is gone, having run nothing. ``timeout`` (seconds;
         default: the coordinator's ``default_timeout``) sets the deadline by
         which it must be final: ``reap()`` rolls it back once the deadline
-        passes (this process's own sweeps, for a PENDING one).
+        passes (this process's own sweeps, for a PENDING one). Not committed
+        within ``pending_lifetime`` seconds, it ends ROLLED_BACK too, without
+        any sweep: beginning another transaction in this process lets it go.
         """
         arguments.check_name("name", name, optional=True)
         if timeout is None:
@@ -173,9 +197,29 @@ class TransactionCoordinator:
             created_at=now,
             deadline=None if timeout is None else arguments.deadline(now, timeout),
         )
-        self._pending.begin(tx)
+        self._pending.begin(tx, timedelta(seconds=self.pending_lifetime))
+        self._expire_pending()
         logger.debug("transaction begun", extra=tx_extra(tx.id))
         return tx.id
+
+    def _expire_pending(self) -> None:
+        """Now and then, on a helper thread, roll back this process's PENDING
+        transactions past their lifetime or deadline: a process that never
+        sweeps (a web app whose workers sweep the journal) still lets them go.
+        Not in this thread: ending them writes to the journal, and beginning
+        never waits for it."""
+        now = time.monotonic()
+        if now < self._expire_at or not self._expiring.acquire(blocking=False):
+            return
+        self._expire_at = now + min(self.pending_lifetime / 10, _EXPIRY_CHECK_EVERY)
+
+        def expire() -> None:
+            try:
+                self._sweeper.reap_pending()
+            finally:
+                self._expiring.release()
+
+        threading.Thread(target=expire, name="celery-tx-pending-expiry", daemon=True).start()
 
     def register_participant(
         self,
@@ -399,7 +443,7 @@ class TransactionCoordinator:
             self._journal,
             where,
             limit=arguments.count("limit", limit, 1, arguments.MAX_PAGE_SIZE),
-            offset=arguments.count("offset", offset, 0, None),
+            offset=arguments.count("offset", offset, 0, arguments.MAX_OFFSET),
         )
 
     def owner_leases(self, transactions: Iterable[Outcome]) -> dict[str, Lease]:

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery_tx.core import transitions as tr
@@ -49,6 +49,9 @@ class Entry:
     """Per step, what its driver keeps in this process (the in-process callables)."""
     ending: str | None = None
     """What is ending it now ("commit", "roll back"), while that is journaled."""
+    expires_at: datetime | None = None
+    """When it ends ROLLED_BACK if it is still PENDING: its begin plus the
+    coordinator's ``pending_lifetime``."""
 
 
 class PendingTransactions:
@@ -61,10 +64,12 @@ class PendingTransactions:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def begin(self, tx: Outcome) -> None:
-        """Hold a new PENDING transaction."""
+    def begin(self, tx: Outcome, lifetime: timedelta | None = None) -> None:
+        """Hold a new PENDING transaction, for at most ``lifetime`` if it is not
+        committed (None: until its deadline)."""
+        expires_at = None if lifetime is None else tx.created_at + lifetime
         with self._lock:
-            self._entries[tx.id] = Entry(tx)
+            self._entries[tx.id] = Entry(tx, expires_at=expires_at)
 
     def snapshot(self, tx_id: uuid.UUID, *, ending_too: bool = True) -> Outcome | None:
         """The transaction if it is PENDING here; ``ending_too``: also while its
@@ -126,14 +131,27 @@ class PendingTransactions:
             rolled_back = tr.rollback_pending(entry.tx, journal.clock(), error=error)
             return journal.create(rolled_back, durable=True, before=entry.tx, cause=cause)
 
-    def past_deadline(self, now: datetime) -> list[uuid.UUID]:
-        """The ids of PENDING transactions whose deadline is before ``now``."""
+    def expired(self, now: datetime) -> list[tuple[uuid.UUID, str]]:
+        """The PENDING transactions whose deadline or lifetime passed before ``now``,
+        each with the reason."""
+        found = []
         with self._lock:
-            return [
-                tx_id
-                for tx_id, entry in self._entries.items()
-                if entry.ending is None and _before(entry.tx.deadline, now)
-            ]
+            for tx_id, entry in self._entries.items():
+                if entry.ending is not None:
+                    continue
+                if _before(entry.tx.deadline, now):
+                    assert entry.tx.deadline is not None
+                    found.append((tx_id, f"deadline {entry.tx.deadline.isoformat()} passed"))
+                elif _before(entry.expires_at, now):
+                    lifetime = entry.expires_at - entry.tx.created_at  # type: ignore[operator]
+                    found.append(
+                        (
+                            tx_id,
+                            f"not committed within its pending lifetime of "
+                            f"{lifetime.total_seconds():g} s",
+                        )
+                    )
+        return found
 
     def _open(self, journal: Journal, tx_id: uuid.UUID, action: str) -> Entry:
         """The entry, if nothing is ending it; else the refusal the journal's state gives."""

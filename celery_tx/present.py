@@ -17,6 +17,17 @@ BAR_WIDTH = 40
 """Characters of a timeline bar in ``celery tx show``."""
 
 
+def visible(text: str) -> str:
+    """``text`` with its control characters shown escaped (``\\x1b``, ``\\r``,
+    ``\\u202e``): what the journal holds (names, errors, anyone's input) must not
+    steer the terminal it is printed to, nor start a line that was not there."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
@@ -135,7 +146,9 @@ def seconds_text(seconds: float | None) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned columns, two spaces apart, the way ``kubectl get`` prints them."""
+    """Left-aligned columns, two spaces apart, the way ``kubectl get`` prints them;
+    control characters in cells shown escaped (``visible``)."""
+    rows = [[visible(cell) for cell in row] for row in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -169,18 +182,19 @@ def list_row(tx: Outcome, now: datetime, leases: Leases | None = None) -> list[s
 def describe(tx: Outcome, now: datetime, leases: Leases | None = None) -> str:
     """What ``celery tx show`` prints: the transaction, its steps, its timeline."""
     lines = [
-        f"transaction {tx.id}" + (f" ({tx.name})" if tx.name else ""),
-        f"  status:   {tx.status}" + (f" at step {tx.failed_step!r}" if tx.failed_step else ""),
-        f"  driver:   {tx.driver}",
+        f"transaction {tx.id}" + (f" ({visible(tx.name)})" if tx.name else ""),
+        f"  status:   {tx.status}"
+        + (f" at step {visible(repr(tx.failed_step))}" if tx.failed_step else ""),
+        f"  driver:   {visible(tx.driver)}",
         f"  created:  {when(tx.created_at)}",
         f"  commit:   {when(tx.started_at)}",
         f"  finished: {when(tx.finished_at)}",
         f"  deadline: {when(tx.deadline)}",
         f"  duration: {seconds_text(duration(tx, now))}",
-        f"  owner:    {owner_text(tx, leases)}",
+        f"  owner:    {visible(owner_text(tx, leases))}",
     ]
     if tx.error:
-        lines.append(f"  error:    {tx.error}")
+        lines.append(f"  error:    {visible(tx.error)}")
     steps = [
         [
             str(s.position),

@@ -113,7 +113,7 @@ class Sweeper:
 
     def reap(self, limit: int = _BATCH) -> SweepReport:
         """Roll back the transactions past their deadline (up to ``limit``)."""
-        report = self._reap_pending()
+        report = self.reap_pending()
         for tx_id, _ in candidates.claim(
             self.journal,
             statuses=(TxStatus.PENDING, TxStatus.RUNNING),
@@ -126,14 +126,11 @@ class Sweeper:
             self._guarded(tx_id, report, self._reap_one)
         return report
 
-    def _reap_pending(self) -> SweepReport:
-        """End this process's PENDING transactions past their deadline ROLLED_BACK."""
+    def reap_pending(self) -> SweepReport:
+        """End this process's PENDING transactions past their deadline or their
+        pending lifetime ROLLED_BACK (journaled, with the reason)."""
         report = SweepReport()
-        for tx_id in self.pending.past_deadline(self.journal.clock()):
-            tx = self.pending.snapshot(tx_id)
-            if tx is None or tx.deadline is None:
-                continue
-            reason = f"deadline {tx.deadline.isoformat()} passed"
+        for tx_id, reason in self.pending.expired(self.journal.clock()):
             try:
                 self.pending.roll_back(self.journal, tx_id, error=reason, cause=Cause.ROLLED_BACK)
             except TransactionStateError:

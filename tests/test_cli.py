@@ -12,7 +12,7 @@ from pathlib import Path
 
 from celery_tx import TransactionCoordinator, TxStatus
 from tests.journaled import journal_pending, journal_started
-from tests.participants import append_line
+from tests.participants import append_line, nothing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def test_reap_and_recover_in_process_transactions(tmp_path: Path):
         late = coordinator.begin_transaction(timeout=0.01)
         stalled = coordinator.begin_transaction()
         coordinator.register_participant(
-            stalled, "a", functools.partial(append_line, str(log), "a"), print
+            stalled, "a", functools.partial(append_line, str(log), "a"), nothing
         )
         now = datetime.now(UTC)
         journal_started(coordinator, stalled, now)
@@ -46,7 +46,9 @@ def test_reap_and_recover_in_process_transactions(tmp_path: Path):
     assert reaped.returncode == 0, reaped.stderr
     assert json.loads(reaped.stdout)["rolled_back"] == [str(late)]
 
-    recovered = _celery("tx", "recover", "--database-url", url, "--stalled-after", "0")
+    # A process runs only participants it declared: this one, once it imports them.
+    declared = ("--import", "tests.participants")
+    recovered = _celery("tx", "recover", "--database-url", url, "--stalled-after", "0", *declared)
     assert recovered.returncode == 0, recovered.stderr
     assert f"resumed: 1\n  {stalled}" in recovered.stdout
     with TransactionCoordinator(url) as coordinator:

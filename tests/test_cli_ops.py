@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pty
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +33,7 @@ from tests.participants import append_line, append_unless_flagged, fail_with, no
 
 ROOT = Path(__file__).resolve().parent.parent
 ONCE = RetryPolicy(max_attempts=1, initial_delay=0)
+PURGE_ONE_SECOND = (sys.executable, "-m", "celery", "tx", "purge", "--older-than", "1s")
 
 
 @dataclass
@@ -347,8 +350,9 @@ def test_stats_counts_and_durations(journal: Journal):
 
 
 def test_purge_deletes_only_old_final_transactions(journal: Journal):
-    assert journal.json("purge", "--older-than", "1h")["deleted"] == 0
-    result = journal.run("purge", "--older-than", "0s")
+    assert journal.json("purge", "--older-than", "1h", "--yes")["deleted"] == 0
+    time.sleep(1.1)  # the journal's transactions finished more than a second ago
+    result = journal.run("purge", "--older-than", "1s", "--yes")
     assert result.exit_code == 0, result.output
     assert result.stdout == "deleted 3 transactions\n"
     left = {t["status"] for t in journal.json("list")["transactions"]}
@@ -359,9 +363,59 @@ def test_purge_deletes_only_old_final_transactions(journal: Journal):
     assert len(running["steps"]) == 2
 
 
-def test_purge_needs_an_age(journal: Journal):
-    assert journal.run("purge").exit_code == 2
-    assert journal.run("purge", "--older-than", "soon").exit_code == 2
+def test_purge_needs_an_age_above_zero(journal: Journal):
+    assert journal.run("purge", "--yes").exit_code == 2
+    assert journal.run("purge", "--older-than", "soon", "--yes").exit_code == 2
+    for zero in ("0", "0s", "0h0m"):
+        refused = journal.run("purge", "--older-than", zero, "--yes")
+        assert refused.exit_code == 2, refused.output
+        assert "must be more than 0" in refused.stderr
+    assert len(journal.json("list")["transactions"]) == 6  # nothing deleted
+
+
+def test_purge_refuses_without_yes_where_nobody_can_confirm(journal: Journal):
+    """Under cron or a pipe (stdin not a terminal) it does not delete unasked."""
+    time.sleep(1.1)
+    refused = journal.run("purge", "--older-than", "1s")  # the runner's stdin is no tty
+    assert refused.exit_code == 2, refused.output
+    assert "stdin is not a terminal; pass --yes" in refused.stderr
+    piped = subprocess.run(
+        [*PURGE_ONE_SECOND, "--database-url", journal.url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert piped.returncode == 2, piped.stderr
+    assert len(journal.json("list")["transactions"]) == 6  # nothing deleted
+
+
+def test_purge_asks_at_a_terminal(journal: Journal):
+    """At a terminal it asks; "n" deletes nothing, "y" deletes."""
+    time.sleep(1.1)
+    for answer, left in (("n", 6), ("y", 3)):
+        primary, secondary = pty.openpty()
+        process = subprocess.Popen(
+            [*PURGE_ONE_SECOND, "--database-url", journal.url],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+        )
+        os.close(secondary)
+        seen = b""
+        while b"[y/N]" not in seen:
+            chunk = os.read(primary, 1024)
+            assert chunk, seen
+            seen += chunk
+        os.write(primary, f"{answer}\n".encode())
+        assert process.wait(timeout=120) == (0 if answer == "y" else 1)
+        os.close(primary)
+        assert len(journal.json("list")["transactions"]) == left
 
 
 # -- as an operator runs it --------------------------------------------------------

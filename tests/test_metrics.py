@@ -16,7 +16,7 @@ import celery_tx
 from celery_tx import JournalCollector, RetryPolicy, TransactionCoordinator, install_metrics
 from celery_tx.metrics import TransactionMetrics
 from tests.journaled import journal_started
-from tests.participants import append_line, fail_with
+from tests.participants import append_line, fail_with, nothing
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_a_known_sequence_gives_known_values(
         c.rollback_transaction(c.begin_transaction(name="order"))  # never committed
         # One left RUNNING by a process that died, then resumed by a sweep.
         stalled = c.begin_transaction(name="order")
-        c.register_participant(stalled, "charge", functools.partial(append_line, log, "c"), print)
+        c.register_participant(stalled, "charge", functools.partial(append_line, log, "c"), nothing)
         now = datetime.now(UTC)
         journal_started(c, stalled, now)
         assert c.recover(stalled_after=0).resumed == [stalled]

@@ -27,12 +27,13 @@ from celery_tx import (
     TransactionCoordinator,
     TransactionStateError,
     TxStatus,
+    resumable,
 )
 from celery_tx.core import transitions as tr
 from celery_tx.store import owners
 from tests.conftest import FAST_RETRY
 from tests.journaled import journal_started, other_owner, start_without_running
-from tests.participants import append_line, fail_with
+from tests.participants import append_line, fail_with, nothing
 
 
 class Clock:
@@ -274,7 +275,7 @@ def test_a_failed_transaction_is_retried_by_an_operator(coordinator, tmp_path):
         functools.partial(append_line, str(log), "a action"),
         functools.partial(_undo_unless_broken, str(flaky), str(log)),
     )
-    coordinator.register_participant(tx_id, "fails", functools.partial(fail_with, "no"), print)
+    coordinator.register_participant(tx_id, "fails", functools.partial(fail_with, "no"), nothing)
     assert coordinator.commit_transaction(tx_id).status is TxStatus.FAILED
 
     flaky.unlink()  # the operator fixed the cause
@@ -286,6 +287,7 @@ def test_a_failed_transaction_is_retried_by_an_operator(coordinator, tmp_path):
         coordinator.retry_transaction(tx_id)  # only a FAILED one
 
 
+@resumable  # retried after the transaction ended: found again by its name
 def _undo_unless_broken(flag: str, log: str) -> None:
     if Path(flag).exists():
         fail_with("the compensation's service is down")

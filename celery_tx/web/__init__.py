@@ -14,17 +14,26 @@ content; a finished transaction stops refreshing). ``/api/transactions`` and
 Nothing here writes: aborting and retrying stay with ``celery tx``, behind
 whatever access the operators' shell has. Mount it behind your app's
 authentication: transaction names, step names and errors are shown.
+
+The JSON routes answer errors in JSON (``{"error": ..., "status": 400}``). Every
+response forbids framing (``X-Frame-Options: DENY`` and CSP ``frame-ancestors
+'none'``) and allows only the page's own inline script, by a nonce drawn per
+response, and its inline styles: a name or error in the journal that smuggled
+markup past the escaping still could not run script.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from celery_tx import present
+from celery_tx.arguments import MAX_PAGE_NUMBER
 from celery_tx.core.errors import (
     CeleryTxError,
     InvalidArgument,
     InvalidTransactionId,
+    JournalUnavailable,
     TransactionNotFound,
 )
 from celery_tx.core.status import TxStatus
@@ -37,8 +46,6 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 50
 """Transactions per listed page."""
-MAX_PAGE_NUMBER = 100_000
-"""The last page a listing may ask for."""
 
 
 class WebUnavailable(CeleryTxError, ImportError):
@@ -51,7 +58,7 @@ def transactions_blueprint(
     """The read-only transactions pages on ``coordinator``'s journal, to mount with
     ``app.register_blueprint(..., url_prefix=...)``."""
     try:
-        from flask import Blueprint, abort, jsonify, render_template, request  # noqa: PLC0415
+        from flask import Blueprint, abort, g, jsonify, render_template, request  # noqa: PLC0415
     except ImportError as exc:  # optional: the rest of celery-tx works without Flask
         raise WebUnavailable("the web page needs Flask: pip install 'celery-tx[web]'") from exc
     if refresh_seconds <= 0:
@@ -84,6 +91,8 @@ def transactions_blueprint(
         except TransactionNotFound:
             abort(404, f"no transaction {tx_id}")
 
+    _guard(blueprint)
+
     @blueprint.get("/")
     def index() -> Any:
         found, filters = listing()
@@ -98,6 +107,7 @@ def transactions_blueprint(
             refresh_ms=refresh_ms,
             fragment=request.args.get("fragment") == "1",
             seconds_text=present.seconds_text,
+            nonce=g.celery_tx_nonce,
         )
 
     @blueprint.get("/<tx_id>")
@@ -113,6 +123,7 @@ def transactions_blueprint(
             refresh_ms=refresh_ms,
             fragment=request.args.get("fragment") == "1",
             seconds_text=present.seconds_text,
+            nonce=g.celery_tx_nonce,
         )
 
     @blueprint.get("/api/transactions")
@@ -134,3 +145,51 @@ def transactions_blueprint(
         return jsonify(present.outcome_json(tx, coordinator.journal.clock(), leases=leases))
 
     return blueprint
+
+
+def _is_api(endpoint: str | None) -> bool:
+    """Whether the request went to one of the JSON routes."""
+    return endpoint is not None and endpoint.rsplit(".", 1)[-1].startswith("api_")
+
+
+def _policy(nonce: str | None) -> str:
+    """The Content-Security-Policy of every response: nothing but the page's own
+    inline script (by ``nonce``), inline styles, fetches of itself; no framing."""
+    script = f"'nonce-{nonce}'" if nonce else "'none'"
+    return (
+        f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    )
+
+
+def _guard(blueprint: Blueprint) -> None:
+    """Per response: a CSP nonce for the page's script, the protective headers;
+    errors of the JSON routes answered in JSON."""
+    from flask import g, jsonify, request  # noqa: PLC0415  (Flask is optional)
+    from werkzeug.exceptions import HTTPException  # noqa: PLC0415
+
+    @blueprint.before_request
+    def draw_nonce() -> None:
+        g.celery_tx_nonce = secrets.token_urlsafe(16)
+
+    @blueprint.after_request
+    def protect(response: Any) -> Any:
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Content-Security-Policy", _policy(g.get("celery_tx_nonce")))
+        return response
+
+    @blueprint.errorhandler(HTTPException)
+    def refused(error: HTTPException) -> Any:
+        if not _is_api(request.endpoint):
+            return error
+        return jsonify(error=error.description, status=error.code), error.code
+
+    @blueprint.errorhandler(JournalUnavailable)
+    def journal_down(error: JournalUnavailable) -> Any:
+        message = f"the journal is unavailable: {error}"
+        if _is_api(request.endpoint):
+            return jsonify(error=message, status=503), 503
+        return message, 503, {"Content-Type": "text/plain; charset=utf-8"}

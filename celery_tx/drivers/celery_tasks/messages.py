@@ -10,6 +10,7 @@ derived from them.
 
 from __future__ import annotations
 
+import reprlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -148,12 +149,7 @@ def encode_call(
             f"(allowed: {sorted(_ALLOWED_OPTIONS)})"
         )
     _check_arguments(spec, args, kwargs, what)
-    try:
-        payload = _dumps([list(args), kwargs])
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(
-            f"{what}: arguments cannot be sent as JSON, the participant serializer: {exc}"
-        ) from exc
+    payload = _round_trip(args, kwargs, what)
     description: dict[str, Any] = {
         "kind": DESCRIPTION_KIND,
         "task": spec.name,
@@ -162,10 +158,46 @@ def encode_call(
     if options:
         try:
             _dumps(options)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidArgument(f"{what}: options cannot be sent as JSON: {exc}") from exc
         description["options"] = dict(options)
     return description
+
+
+def _round_trip(args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> str:
+    """The arguments in kombu's JSON, the participant serializer; ``InvalidArgument``
+    unless the worker would get them back equal (tuples arrive as lists, as with
+    any Celery task sent as JSON). kombu's JSON carries ``datetime``, ``date``,
+    ``time``, ``Decimal``, ``UUID`` and ``bytes`` exactly; it would turn
+    ``{1: 2}`` into ``{"1": 2}`` and NaN into something unequal, silently."""
+    sent = [list(args), kwargs]
+    try:
+        payload = _dumps(sent)
+        received = _loads(payload)
+        same = received == _tuples_as_lists(sent)
+    except RecursionError:
+        raise InvalidArgument(f"{what}: arguments are nested too deeply to send as JSON") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"{what}: arguments cannot be sent as JSON, the participant serializer: {exc}"
+        ) from exc
+    if not same:
+        raise InvalidArgument(
+            f"{what}: arguments would not reach the participant unchanged through JSON "
+            f"(sent {reprlib.repr(sent)}, received {reprlib.repr(received)}): use string "
+            "keys, finite numbers, and str, int, float, bool, None, lists, dicts, datetime, "
+            "date, time, Decimal, UUID or bytes"
+        )
+    return payload
+
+
+def _tuples_as_lists(value: Any) -> Any:
+    """``value`` as JSON gives it back: tuples (at any depth) as lists."""
+    if isinstance(value, list | tuple):
+        return [_tuples_as_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _tuples_as_lists(item) for key, item in value.items()}
+    return value
 
 
 def _check_arguments(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,7 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
         raise InvalidParticipant(f"{role} must be callable, got {function!r}")
     description: dict[str, Any] = {
         "kind": DESCRIPTION_KIND,
-        "repr": repr(function)[:200],
+        "repr": _short_repr(function),
         "name": None,
     }
     target, args, kwargs = _unwrap_partial(function)
@@ -83,6 +84,15 @@ def resolve(description: dict[str, Any]) -> Callable[[], Any]:
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise ParticipantNotResolvable(f"{name!r} is journaled with malformed arguments")
     return functools.partial(target, *args, **kwargs) if args or kwargs else target
+
+
+def _short_repr(function: object) -> str:
+    """``repr(function)``, cut to 200 characters; a shorter one when its arguments
+    are nested too deeply for ``repr``."""
+    try:
+        return repr(function)[:200]
+    except RecursionError:
+        return reprlib.repr(function)
 
 
 def _shown(description: dict[str, Any]) -> str:
