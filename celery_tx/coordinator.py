@@ -314,8 +314,15 @@ class TransactionCoordinator:
 
     def _get(self, tx_id: uuid.UUID) -> Outcome:
         tx = self._pending.snapshot(tx_id, ending_too=False)
-        if tx is None:  # the journal's, else PENDING still while its commit is journaled
-            tx = self._journal.load(tx_id) or self._pending.snapshot(tx_id)
+        if tx is None:
+            # The journal's, else PENDING still while its commit or rollback is
+            # journaled; else that write landed since the journal was read (the
+            # entry goes only once it has): read again.
+            tx = (
+                self._journal.load(tx_id)
+                or self._pending.snapshot(tx_id)
+                or self._journal.load(tx_id)
+            )
         if tx is None:
             raise TransactionNotFound(f"no transaction {tx_id} in the journal; {GONE}")
         return tx

@@ -19,6 +19,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from datetime import time as dtime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,14 @@ def _touch(path: str, text: str) -> None:
 
 def _plain_task(app: Any) -> Any:
     return app.task(name=PLAIN_TASK)(_touch)
+
+
+def _deeply_nested(depth: int = 100_000) -> list[Any]:
+    """A list in a list in a list..., deeper than JSON (or repr) can recurse."""
+    nested: list[Any] = []
+    for _ in range(depth):
+        nested = [nested]
+    return nested
 
 
 def _sent(stack: Stack) -> list[str]:
@@ -199,6 +210,21 @@ BAD_REGISTRATIONS: dict[str, tuple[Build, type[Exception], str]] = {
         lambda p, app: (tasks.step.s(p, "a"), tasks.undo_step.s(p, {"a"})),
         InvalidArgument,
         "rollback_function: arguments cannot be sent as JSON.*Object of type set",
+    ),
+    "int-keys-would-turn-into-strings": (
+        lambda p, app: (tasks.step.s(p, "a", behaviour={1: 2}), None),
+        InvalidArgument,
+        "commit_function: arguments would not reach the participant unchanged through JSON",
+    ),
+    "nan-would-not-come-back-equal": (
+        lambda p, app: (tasks.step.s(p, float("nan")), None),
+        InvalidArgument,
+        "commit_function: arguments would not reach the participant unchanged through JSON",
+    ),
+    "nested-too-deeply": (
+        lambda p, app: (tasks.step.s(p, _deeply_nested()), None),
+        InvalidArgument,
+        "commit_function: arguments are nested too deeply to send as JSON",
     ),
     # 7. Arguments that do not fit the function.
     "missing-argument": (
@@ -329,6 +355,28 @@ def test_refused_registrations_leave_nothing_a_worker_runs(
     assert outcome.status is TxStatus.COMMITTED
     assert [s.name for s in outcome.steps] == ["good"]
     assert effects(path) == ["good:action"]
+
+
+@EMBEDDED
+def test_what_kombus_json_carries_exactly_is_accepted(
+    coordinator: TransactionCoordinator, stack: Stack, path: str
+) -> None:
+    """Tuples arrive as lists (as with any Celery task); datetime, date, time,
+    Decimal, UUID and bytes come back equal through kombu's JSON: all accepted."""
+    values = [
+        (1, "two"),
+        datetime(2026, 12, 8, 1, 2, 3, tzinfo=UTC),
+        date(2026, 12, 8),
+        dtime(1, 2),
+        Decimal("10.50"),
+        uuid.UUID(int=42),
+        b"\x00bytes",
+        {"nested": [1.5, None, True]},
+    ]
+    tx_id = coordinator.begin_transaction()
+    for i, value in enumerate(values):
+        coordinator.register_participant(tx_id, f"s{i}", tasks.step.s(path, "a", behaviour=value))
+    assert len(coordinator.get_transaction(tx_id).steps) == len(values)
 
 
 @EMBEDDED

@@ -9,7 +9,9 @@ as a screenshot (``timeline.png`` in the test's folder, and under
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from werkzeug.serving import make_server
 from celery_tx import TransactionCoordinator, TxStatus, transactions_blueprint
 from tests.conftest import server_missing
 from tests.journaled import journal_started
-from tests.participants import append_line, append_line_slowly, fail_with
+from tests.participants import append_line, append_line_slowly, fail_with, nothing
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,12 +64,16 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[str, TransactionCoordinator]]:
-    """The blueprint mounted in a Flask app, served on a free port of loopback."""
+def site(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, TransactionCoordinator]]:
+    """The blueprint mounted in a Flask app, served on a free port of loopback;
+    refreshing every 0.3 s, or as the test's ``site`` parameter says."""
+    refresh = getattr(request, "param", 0.3)
     coordinator = TransactionCoordinator(f"sqlite:///{tmp_path / 'journal.sqlite3'}")
     app = Flask("site")
     app.register_blueprint(
-        transactions_blueprint(coordinator, refresh_seconds=0.3), url_prefix="/transactions"
+        transactions_blueprint(coordinator, refresh_seconds=refresh), url_prefix="/transactions"
     )
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -82,22 +88,24 @@ def site(tmp_path: Path) -> Iterator[tuple[str, TransactionCoordinator]]:
 def _rolled_back(coordinator: TransactionCoordinator, log: str) -> Any:
     tx_id = coordinator.begin_transaction(name="order")
     coordinator.register_participant(
-        tx_id, "charge", functools.partial(append_line_slowly, log, "charge", 0.05), print
+        tx_id, "charge", functools.partial(append_line_slowly, log, "charge", 0.05), nothing
     )
     coordinator.register_participant(
-        tx_id, "reserve", functools.partial(append_line_slowly, log, "reserve", 0.03), print
+        tx_id, "reserve", functools.partial(append_line_slowly, log, "reserve", 0.03), nothing
     )
-    coordinator.register_participant(tx_id, "email", functools.partial(fail_with, "550"), print)
+    coordinator.register_participant(tx_id, "email", functools.partial(fail_with, "550"), nothing)
     return coordinator.commit_transaction(tx_id)
 
 
 def _running(coordinator: TransactionCoordinator, name: str) -> Any:
     """A journaled RUNNING transaction (a PENDING one is only in this process's memory)."""
     tx_id = coordinator.begin_transaction(name=name)
-    coordinator.register_participant(tx_id, "a", print, print)
+    coordinator.register_participant(tx_id, "a", nothing, nothing)
     return journal_started(coordinator, tx_id).id
 
 
+# Not refreshing while the test reads it: a refresh swaps the elements it holds.
+@pytest.mark.parametrize("site", [3600.0], indirect=True)
 def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path):
     from selenium.webdriver.common.by import By
 
@@ -106,7 +114,7 @@ def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path)
     rolled_back = _rolled_back(coordinator, log)
     committed = coordinator.begin_transaction(name="order")
     coordinator.register_participant(
-        committed, "charge", functools.partial(append_line, log, "c"), print
+        committed, "charge", functools.partial(append_line, log, "c"), nothing
     )
     coordinator.commit_transaction(committed)
     _running(coordinator, "cart <script>alert(1)</script>")  # escaped, not run
@@ -155,6 +163,7 @@ def test_the_list_and_a_timeline_in_chromium(browser: Any, site, tmp_path: Path)
 
 
 def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site, tmp_path: Path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -162,10 +171,10 @@ def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site
     log = str(tmp_path / "effects.log")
     tx_id = coordinator.begin_transaction(name="order")
     coordinator.register_participant(
-        tx_id, "charge", functools.partial(append_line, log, "c"), print
+        tx_id, "charge", functools.partial(append_line, log, "c"), nothing
     )
     coordinator.register_participant(
-        tx_id, "email", functools.partial(append_line, log, "e"), print
+        tx_id, "email", functools.partial(append_line, log, "e"), nothing
     )
     now = datetime.now(UTC)
     journal_started(coordinator, tx_id, now)
@@ -176,7 +185,9 @@ def test_the_page_refreshes_itself_while_the_transaction_runs(browser: Any, site
     browser.execute_script("window.loadedOnce = true;")  # gone if the page reloads
 
     assert coordinator.retry_transaction(tx_id, force=True).status is TxStatus.COMMITTED
-    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "status").text == "COMMITTED")
+    WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: b.find_element(By.ID, "status").text == "COMMITTED"
+    )
     assert browser.execute_script("return window.loadedOnce === true;")
     results = [
         b.get_attribute("data-result")
@@ -209,7 +220,70 @@ def test_bad_addresses_get_clear_errors(site):
         assert response.status == 200
 
 
+def test_the_json_routes_answer_errors_in_json(site):
+    import urllib.error
+    import urllib.request
+
+    url, _ = site
+    for path, code, message in (
+        ("/api/transactions/not-an-id", 400, "not a transaction id: 'not-an-id'"),
+        ("/api/transactions/00000000-0000-0000-0000-000000000000", 404, "no transaction"),
+        ("/api/transactions?status=DONE", 400, "unknown status 'DONE'"),
+        ("/api/transactions?page=99999999999999999999", 400, "page must be a whole number"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(url + path, timeout=10)
+        assert caught.value.code == code, path
+        assert caught.value.headers["Content-Type"] == "application/json", path
+        body = json.loads(caught.value.read())
+        assert body["status"] == code
+        assert message in body["error"], (path, body)
+    with pytest.raises(urllib.error.HTTPError) as caught:  # a page's errors stay pages
+        urllib.request.urlopen(url + "/not-an-id", timeout=10)
+    assert caught.value.headers["Content-Type"].startswith("text/html")
+
+
+def test_every_response_forbids_framing_and_foreign_script(site):
+    import urllib.error
+    import urllib.request
+
+    url, coordinator = site
+    tx_id = _running(coordinator, "order")
+    nonces = set()
+    for path in ("/", f"/{tx_id}", "/api/transactions", "/?fragment=1"):
+        with urllib.request.urlopen(url + path, timeout=10) as response:
+            headers, page = response.headers, response.read().decode()
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        policy = headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in policy
+        assert "default-src 'none'" in policy
+        nonce = re.search(r"script-src 'nonce-([\w-]+)'", policy)
+        assert nonce is not None, policy
+        nonces.add(nonce.group(1))
+        scripts = re.findall(r"<script[^>]*>", page)
+        assert all(f'nonce="{nonce.group(1)}"' in tag for tag in scripts), (path, scripts)
+    assert len(nonces) == 4  # drawn again for every response
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url + "/not-an-id", timeout=10)
+    assert caught.value.headers["X-Frame-Options"] == "DENY"
+
+
+def test_a_journal_that_is_down_is_a_503(tmp_path: Path):
+    coordinator = TransactionCoordinator(f"sqlite:///{tmp_path / 'no' / 'such' / 'j.sqlite3'}")
+    app = Flask("down")
+    app.register_blueprint(transactions_blueprint(coordinator), url_prefix="/tx")
+    client = app.test_client()
+    api = client.get("/tx/api/transactions")
+    assert api.status_code == 503
+    assert "the journal is unavailable" in api.get_json()["error"]
+    page = client.get("/tx/")
+    assert page.status_code == 503
+    assert page.headers["X-Frame-Options"] == "DENY"
+
+
 def test_the_list_refreshes_and_keeps_what_is_typed_in_the_filters(browser: Any, site):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -224,5 +298,7 @@ def test_the_list_refreshes_and_keeps_what_is_typed_in_the_filters(browser: Any,
         rows = b.find_elements(By.CSS_SELECTOR, "#transactions tbody tr")
         return [r.get_attribute("data-id") for r in rows]
 
-    WebDriverWait(browser, 20).until(lambda b: ids(b) == [str(second), str(first)])
+    WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: ids(b) == [str(second), str(first)]
+    )
     assert browser.find_element(By.NAME, "name").get_attribute("value") == "half-typ"
