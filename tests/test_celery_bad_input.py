@@ -709,13 +709,13 @@ def test_a_broker_down_at_commit_rolls_back_with_nothing_run(tmp_path: Path) -> 
             tx_id = coordinator.begin_transaction()
             coordinator.register_participant(tx_id, "a", tasks.step.s(path, "a"))
             coordinator.register_participant(tx_id, "b", tasks.step.s(path, "b"))
-            began = time.monotonic()
+            # Within the commit's timeout (a TimeoutError otherwise): publishing
+            # gives up by the app's retry policy, not forever.
             with _refused(
                 BrokerUnavailable,
                 rf"could not send transaction {tx_id} to the broker \(.*\); it is ROLLED_BACK",
             ):
                 coordinator.commit_transaction(tx_id, timeout=WAIT)
-            assert time.monotonic() - began < 30
             tx = coordinator.get_transaction(tx_id)
             assert tx.status is TxStatus.ROLLED_BACK
             assert [s.status for s in tx.steps] == [StepStatus.SKIPPED] * 2

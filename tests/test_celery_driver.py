@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.signals import task_prerun
 
 from celery_tx import (
     CommitHandle,
@@ -258,12 +259,21 @@ def test_unknown_messages_are_refused_without_running_the_function(
 ) -> None:
     """A message naming a transaction the journal does not hold runs nothing."""
     path = tmp_path / "effects"
-    sent = tasks.step.apply_async(
-        (str(path), "forged"),
-        {"celery_tx_id": str(uuid.uuid4()), "celery_tx_step": "x", "celery_tx_phase": "action"},
-    )
-    # Then a real transaction: once it is done, the forged message was consumed before it.
-    outcome = _run(coordinator, tmp_path / "real")
+    started: list[str] = []
+
+    def record(task_id: str, **_: Any) -> None:
+        started.append(task_id)
+
+    task_prerun.connect(record, weak=False)
+    try:
+        sent = tasks.step.apply_async(
+            (str(path), "forged"),
+            {"celery_tx_id": str(uuid.uuid4()), "celery_tx_step": "x", "celery_tx_phase": "action"},
+        )
+        # Then a real transaction: once it is done, the forged message was taken before it.
+        outcome = _run(coordinator, tmp_path / "real")
+    finally:
+        task_prerun.disconnect(record)
     assert outcome.status is TxStatus.COMMITTED
-    assert sent.id
+    assert sent.id in started  # the worker took it up, and refused it inside
     assert effects(path) == []

@@ -42,12 +42,12 @@ def sender(stack: Stack) -> Iterator[tuple[Celery, TransactionCoordinator]]:
 
 
 def _start_worker(
-    stack: Stack, log: Path, *extra: str, stalled_after: float = 1
+    stack: Stack, log: Path, *extra: str, stalled_after: float = 1, sweep_interval: float = 0.5
 ) -> subprocess.Popen[bytes]:
     env = {
         **stack.worker_env(),
         "PYTHONPATH": str(ROOT),
-        "CELERY_TX_SWEEP_INTERVAL": "0.5",
+        "CELERY_TX_SWEEP_INTERVAL": str(sweep_interval),
         "CELERY_TX_STALLED_AFTER": str(stalled_after),
     }
     with log.open("w") as output:
@@ -120,7 +120,7 @@ def test_a_transaction_past_its_deadline_is_rolled_back_by_a_worker(
     stack: Stack, sender, tmp_path: Path, lost: bool
 ):
     """Lost: the worker's reaper rolls it back. Late: the worker refuses to start
-    the action and rolls it back itself."""
+    the action and rolls it back itself (its sweeps are off: nothing else could)."""
     app, coordinator = sender
     path = tmp_path / "effects.txt"
     tx_id = coordinator.begin_transaction(name="late", timeout=0.5)
@@ -130,14 +130,19 @@ def test_a_transaction_past_its_deadline_is_rolled_back_by_a_worker(
         _lose_messages(app)
     time.sleep(0.6)
 
-    worker = _start_worker(stack, tmp_path / "worker.log")
+    worker = _start_worker(stack, tmp_path / "worker.log", sweep_interval=0.5 if lost else 0)
     try:
         outcome = handle.wait(timeout=60)
     finally:
         _stop(worker)
-    assert outcome.status is TxStatus.ROLLED_BACK, (tmp_path / "worker.log").read_text()[-3000:]
+    log = (tmp_path / "worker.log").read_text()
+    assert outcome.status is TxStatus.ROLLED_BACK, log[-3000:]
     assert "deadline" in outcome.error
     assert effects(path) == []
+    if lost:
+        assert "sweep: 1 rolled back past a deadline" in log  # the reaper, not the step
+    else:
+        assert f"rolling back: deadline {outcome.deadline.isoformat()} passed" in log
 
 
 @pytest.mark.parametrize("stack", ["embedded", "redis"], indirect=True)  # sweeper logic

@@ -17,79 +17,100 @@ from tests import participants as _declares_the_participants  # noqa: F401  (thi
 ROOT = Path(__file__).resolve().parent.parent
 
 # The child commits a 5-step transaction whose participants append "<step> done"
-# to a log (their effect) and then take 20 ms; it is killed at various moments.
+# to a log (their effect) and then take 200 ms; it is killed after a given
+# number of effects, inside the step that made the last one. Its "ready" file
+# (the transaction id) is written aside and renamed, so it is never seen empty.
 _CHILD = """
-import functools, sys
+import functools, os, sys
 from celery_tx import TransactionCoordinator
 from tests.participants import append_line_slowly, nothing
 url, log, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 with TransactionCoordinator(url) as coordinator:
     tx_id = coordinator.begin_transaction(name="crash")
     for i in range(5):
-        action = functools.partial(append_line_slowly, log, f"s{i} done", 0.02)
+        action = functools.partial(append_line_slowly, log, f"s{i} done", 0.2)
         coordinator.register_participant(tx_id, f"s{i}", action, nothing)
-    with open(ready, "w") as f:
+    with open(ready + ".tmp", "w") as f:
         f.write(str(tx_id))
+    os.replace(ready + ".tmp", ready)
     coordinator.commit_transaction(tx_id)
 """
+STEPS = 5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [0.0, 0.01, 0.03, 0.05, 0.07, 0.2])
-def test_sigkill_mid_transaction_leaves_every_effect_accounted_for(
-    database_url: str, tmp_path: Path, kill_after: float
-) -> None:
-    """Every step whose effect happened is DONE or RUNNING (unknown) in the journal."""
+def _effects(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _run_and_kill(database_url: str, tmp_path: Path, effects_before_kill: int) -> tuple[Path, str]:
+    """Start the child, SIGKILL it once ``effects_before_kill`` effects are in the
+    log (0: as soon as it is about to commit); the log and the transaction id."""
     log, ready = tmp_path / "effects.log", tmp_path / "ready"
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, database_url, str(log), str(ready)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    deadline = time.monotonic() + 60
-    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    time.sleep(kill_after)
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=60)
-    assert ready.exists(), "the child never got to commit"
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and len(_effects(log)) >= effects_before_kill):
+            assert child.poll() is None, "the child ended before it was killed"
+            assert time.monotonic() < deadline, "the child never got there"
+            time.sleep(0.001)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    return log, ready.read_text()
 
-    effects = log.read_text().splitlines() if log.exists() else []
-    applied = {line.split()[0] for line in effects}
+
+@pytest.mark.slow
+@pytest.mark.parametrize("effects_before_kill", range(1, STEPS + 1))
+def test_sigkill_mid_transaction_leaves_every_effect_accounted_for(
+    database_url: str, tmp_path: Path, effects_before_kill: int
+) -> None:
+    """Killed while step k runs (its effect made, its end not journaled): the journal
+    says RUNNING with exactly that step of unknown outcome, the ones before it
+    DONE; a new process resumes it, running step k again and the rest once."""
+    log, tx_id = _run_and_kill(database_url, tmp_path, effects_before_kill)
+    applied = [line.split()[0] for line in _effects(log)]
+    k = effects_before_kill
+    assert applied == [f"s{i}" for i in range(k)]  # the kill landed inside step k
+    with TransactionCoordinator(database_url) as coordinator:
+        outcome = coordinator.get_transaction(tx_id)
+    statuses = [step.status for step in outcome.steps]
+    assert outcome.status is TxStatus.RUNNING
+    assert statuses == (
+        [StepStatus.DONE] * (k - 1)
+        + [StepStatus.RUNNING]  # exactly one step of unknown outcome: the last applied
+        + [StepStatus.PENDING] * (STEPS - k)
+    )
+
+    with TransactionCoordinator(database_url) as recovering:
+        report = recovering.recover(stalled_after=0)  # same host, its pid gone: at once
+        recovered = recovering.get_transaction(outcome.id)
+    assert report.resumed == [outcome.id]
+    assert recovered.status is TxStatus.COMMITTED
+    after = [line.split()[0] for line in _effects(log)]
+    # Step k ran twice (its outcome was unknown); every other step once.
+    assert sorted(after) == sorted([f"s{i}" for i in range(STEPS)] + [f"s{k - 1}"])
+
+
+@pytest.mark.slow
+def test_sigkill_right_at_the_commit_leaves_nothing_or_a_running_transaction(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Killed as it commits: either before the commit's write (the PENDING transaction
+    lived in its memory only: gone, and nothing ran) or after it (RUNNING, and the
+    recovery runs it through)."""
+    log, tx_id = _run_and_kill(database_url, tmp_path, 0)
+    applied_at_kill = _effects(log)
     with TransactionCoordinator(database_url) as coordinator:
         try:
-            outcome = coordinator.get_transaction(ready.read_text())
+            outcome = coordinator.get_transaction(tx_id)
         except TransactionNotFound:
-            # Killed before the commit's write: a PENDING transaction lived only in
-            # the child's memory, and it had run nothing.
-            assert applied == set()
+            assert applied_at_kill == []
             return
-    by_name = {step.name: step.status for step in outcome.steps}
-
-    assert outcome.status in (TxStatus.RUNNING, TxStatus.COMMITTED)
-    for name in applied:
-        # An applied effect is never invisible: its step is at least RUNNING.
-        assert by_name[name] in (StepStatus.RUNNING, StepStatus.DONE), (name, by_name)
-    if outcome.status is TxStatus.RUNNING:
-        running = [s for s in outcome.steps if s.status is StepStatus.RUNNING]
-        assert len(running) == 1  # exactly one step of unknown outcome
-        done = [s.name for s in outcome.steps if s.status is StepStatus.DONE]
-        assert set(done) <= applied  # DONE means its effect happened
-    if outcome.status is TxStatus.COMMITTED:
-        assert applied == set(by_name)
-
-    # A new process resumes it from the journal: the step of unknown outcome
-    # runs again (at least once), the rest once, and the transaction commits.
-    with TransactionCoordinator(database_url) as recovering:
-        report = recovering.recover(stalled_after=0)
-        recovered = recovering.get_transaction(outcome.id)
-    effects = log.read_text().splitlines() if log.exists() else []
-    if outcome.status is TxStatus.RUNNING:
-        assert report.resumed == [outcome.id]
-        assert recovered.status is TxStatus.COMMITTED
-        assert {line.split()[0] for line in effects} == set(by_name)
-        # Only the step that was RUNNING at the kill may have run twice.
-        assert len(effects) - len(set(effects)) <= 1
-    else:
-        assert report.resumed == []
-        assert recovered.status is outcome.status
+        assert outcome.status is TxStatus.RUNNING
+        assert coordinator.recover(stalled_after=0).resumed == [outcome.id]
+        assert coordinator.get_transaction(tx_id).status is TxStatus.COMMITTED
+    assert {line.split()[0] for line in _effects(log)} == {f"s{i}" for i in range(STEPS)}

@@ -29,23 +29,30 @@ with Connection("filesystem://", transport="celery_tx.drivers.celery_tasks.files
     if role == "produce":
         for i in range(count):
             queue.put({"producer": ident, "n": i, "pad": "x" * 4000})
+    elif role == "stop":  # one per consumer, once every producer is done
+        for _ in range(count):
+            queue.put({"stop": True})
     else:
-        got, idle = [], time.monotonic()
-        while time.monotonic() - idle < 3:
+        # Until a stop: on a loaded machine a producer may start late, and an
+        # idle timeout would end a consumer before its messages came.
+        got, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
             try:
                 message = queue.get(timeout=0.05)
             except queue.Empty:
                 continue
-            got.append([message.payload["producer"], message.payload["n"]])
             message.ack()
-            idle = time.monotonic()
+            if message.payload.get("stop"):
+                break
+            got.append([message.payload["producer"], message.payload["n"]])
         print(json.dumps(got))
 """
 
 
 @pytest.mark.slow
 def test_racing_producers_and_consumers_get_every_message_once(tmp_path: Path) -> None:
-    """600 messages from 2 producers reach 2 consumers whole, each exactly once."""
+    """600 messages from 2 producers reach 2 consumers whole, each exactly once; each
+    consumer stops at a stop message put after them, however late they came."""
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
 
     def start(role: str, ident: str) -> subprocess.Popen[str]:
@@ -56,6 +63,14 @@ def test_racing_producers_and_consumers_get_every_message_once(tmp_path: Path) -
     producers = [start("produce", f"p{i}") for i in range(2)]
     for producer in producers:
         assert producer.wait(timeout=120) == 0
+    # Messages are taken in the order they were put: the stops come after every one.
+    stop = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, "stop", str(tmp_path), "stop", str(len(consumers))],
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert stop.returncode == 0
     received = []
     for consumer in consumers:
         out, _ = consumer.communicate(timeout=120)

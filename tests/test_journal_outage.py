@@ -20,14 +20,15 @@ from tests.apps import tasks
 from tests.participants import Recorder
 from tests.stacks import filesystem_sender
 
-PG = ("127.0.0.1", 5432)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class Outage:
-    """A TCP proxy to PostgreSQL on a port of its own; ``down()`` and ``up()``."""
+    """A TCP proxy to PostgreSQL (``upstream``: host and port) on a port of its own;
+    ``down()`` and ``up()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -65,7 +66,7 @@ class Outage:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed: the outage began
-            upstream = socket.create_connection(PG)
+            upstream = socket.create_connection(self.upstream)
             with self._lock:
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -86,9 +87,10 @@ def outage(postgres_url: str) -> Iterator[tuple[Outage, str]]:
     from tests.conftest import truncate_journal
 
     truncate_journal(postgres_url)
-    proxy = Outage()
+    database = sa.make_url(postgres_url)  # the configured test database, wherever it is
+    proxy = Outage((database.host or "127.0.0.1", database.port or 5432))
     proxy.up()
-    url = sa.make_url(postgres_url).set(host="127.0.0.1", port=proxy.port)
+    url = database.set(host="127.0.0.1", port=proxy.port)
     yield proxy, url.render_as_string(hide_password=False)
     with contextlib.suppress(AssertionError, OSError):
         proxy.down()
