@@ -82,10 +82,16 @@ def deadline(now: datetime, timeout: object) -> datetime:
         raise InvalidArgument(f"timeout {timeout!r} puts the deadline past year 9999") from None
 
 
+MAX_SWEEP_LIMIT = 100_000
+"""The most transactions one sweep takes up."""
+
+
 def check_limit(limit: object) -> int:
-    """A sweep's batch size: a whole number of at least 1."""
-    if type(limit) is not int or limit < 1:
-        raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}")
+    """A sweep's batch size: a whole number from 1 to ``MAX_SWEEP_LIMIT``."""
+    if type(limit) is not int or not 1 <= limit <= MAX_SWEEP_LIMIT:
+        raise InvalidArgument(
+            f"limit must be a whole number from 1 to {MAX_SWEEP_LIMIT}, not {limit!r}"
+        )
     return limit
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import click
 
 from celery_tx import present
-from celery_tx.arguments import MAX_PAGE_NUMBER, MAX_PAGE_SIZE, MAX_SECONDS
+from celery_tx.arguments import MAX_PAGE_NUMBER, MAX_PAGE_SIZE, MAX_SECONDS, MAX_SWEEP_LIMIT
 from celery_tx.coordinator import TransactionCoordinator
 from celery_tx.core.errors import (
     CeleryTxError,
@@ -48,6 +48,7 @@ from celery_tx.core.errors import (
 )
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.status import TxStatus
+from celery_tx.core.values import visible
 from celery_tx.sweeps import SweepReport
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_STATE = 1, 2, 3, 4
@@ -77,7 +78,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic from click
 
 def _fail(exc: CeleryTxError, code: int) -> click.exceptions.Exit:
     """Say what went wrong on stderr, as click does, and exit with our code."""
-    click.echo(f"Error: {type(exc).__name__}: {present.visible(str(exc))}", err=True)
+    click.echo(f"Error: {type(exc).__name__}: {visible(str(exc))}", err=True)
     return click.exceptions.Exit(code)
 
 
@@ -270,7 +271,9 @@ def _print_outcome(tx: Outcome, now: datetime, as_json: bool, verb: str) -> None
 
 # -- sweeps --------------------------------------------------------------------
 
-_limit = click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+_limit = click.option(
+    "--limit", type=click.IntRange(1, MAX_SWEEP_LIMIT), default=100, show_default=True
+)
 
 
 @tx.command()
@@ -323,7 +326,7 @@ def _report(ctx: click.Context, report: SweepReport, as_json: bool) -> None:
             click.echo(f"{label.replace('_', ' ')}: {len(entries)}")
             for entry in entries:
                 text = entry if isinstance(entry, str) else " ".join(entry.values())
-                click.echo(f"  {present.visible(text)}")
+                click.echo(f"  {visible(text)}")
     if report.errors:
         ctx.exit(EXIT_FAILED)
 
@@ -372,7 +375,7 @@ def stats(
         click.echo("oldest open: none")
     else:
         age = present.seconds_text((now - oldest.created_at).total_seconds())
-        name = present.visible(oldest.name or "unnamed")
+        name = visible(oldest.name or "unnamed")
         click.echo(f"oldest open: {oldest.id} ({name}) {oldest.status}, {age} old")
 
 

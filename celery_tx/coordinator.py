@@ -8,7 +8,9 @@ driver the journal names for the transaction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,7 +26,8 @@ from celery_tx.arguments import check_timeout
 from celery_tx.clock import Clock, utc_now
 from celery_tx.core import stats as tx_stats
 from celery_tx.core import transitions as tr
-from celery_tx.core.errors import InvalidArgument, TransactionNotFound
+from celery_tx.core.causes import Cause
+from celery_tx.core.errors import InvalidArgument, TransactionNotFound, TransactionStateError
 from celery_tx.core.lease import Lease
 from celery_tx.core.outcome import Outcome
 from celery_tx.core.retry import RetryPolicy
@@ -135,13 +138,18 @@ class TransactionCoordinator:
         self._operations = Operations(
             self._journal, self._drivers, self._sweeper, self._stalled_after
         )
-        self._pending: PendingTransactions = for_journal(self._journal)
         self._lock = threading.Lock()
         self._sweeping: threading.Event | None = None
-        self._expiring = threading.Lock()
         self._expire_at = 0.0
+        self._expiring: tuple[int, threading.Thread] | None = None
         metrics.install_default()
         hooks.install(app)  # the Celery driver's, with or without an app
+
+    @property
+    def _pending(self) -> PendingTransactions:
+        """This process's PENDING transactions of the journal, looked up each time:
+        a forked child holds none of its parent's (``pending.for_journal``)."""
+        return for_journal(self._journal)
 
     @property
     def database_url(self) -> URL:
@@ -209,17 +217,28 @@ class TransactionCoordinator:
         Not in this thread: ending them writes to the journal, and beginning
         never waits for it."""
         now = time.monotonic()
-        if now < self._expire_at or not self._expiring.acquire(blocking=False):
+        running = self._expiring
+        if now < self._expire_at or (
+            running is not None and running[0] == os.getpid() and running[1].is_alive()
+        ):
             return
         self._expire_at = now + min(self.pending_lifetime / 10, _EXPIRY_CHECK_EVERY)
+        thread = threading.Thread(
+            target=self._sweeper.reap_pending, name="celery-tx-pending-expiry", daemon=True
+        )
+        self._expiring = (os.getpid(), thread)  # a forked child's is not running
+        thread.start()
 
-        def expire() -> None:
-            try:
-                self._sweeper.reap_pending()
-            finally:
-                self._expiring.release()
-
-        threading.Thread(target=expire, name="celery-tx-pending-expiry", daemon=True).start()
+    def _end_if_expired(self, tx_id: uuid.UUID) -> None:
+        """Roll back ``tx_id`` now if it is PENDING here past its deadline or lifetime
+        (journaled, with the reason): the call that found it then answers as for
+        any rolled-back transaction."""
+        reason = self._pending.expiry(tx_id, self._journal.clock())
+        if reason is None:
+            return
+        with contextlib.suppress(TransactionStateError, TransactionNotFound):
+            self._pending.roll_back(self._journal, tx_id, error=reason, cause=Cause.ROLLED_BACK)
+            logger.warning("rolled back before commit: %s", reason, extra=tx_extra(tx_id))
 
     def register_participant(
         self,
@@ -243,6 +262,7 @@ class TransactionCoordinator:
         retried for this participant.
         """
         tx_id = parse_tx_id(tx_id)
+        self._end_if_expired(tx_id)
         arguments.check_name("service_name", service_name)
         if rollback_retry is not None and not isinstance(rollback_retry, RetryPolicy):
             raise InvalidArgument(f"rollback_retry must be a RetryPolicy, got {rollback_retry!r}")
@@ -279,6 +299,7 @@ class TransactionCoordinator:
 
     def _start(self, tx_id: uuid.UUID) -> tuple[Driver, Outcome]:
         """Journal the PENDING transaction started (its driver's one flushed write)."""
+        self._end_if_expired(tx_id)
         with self._pending.ending(self._journal, tx_id, "commit") as entry:
             driver = self._drivers.of(entry.tx)
             return driver, driver.start(entry.tx, entry.held)
@@ -290,9 +311,11 @@ class TransactionCoordinator:
         other status raises ``TransactionStateError``.
         """
         tx_id = parse_tx_id(tx_id)
+        tx = None
         if self._pending.snapshot(tx_id) is not None:
-            tx = self._pending.roll_back(self._journal, tx_id)
-        else:  # ended already, or journaled PENDING by an earlier version
+            with contextlib.suppress(TransactionStateError):  # ended meanwhile: read below
+                tx = self._pending.roll_back(self._journal, tx_id)
+        if tx is None:  # ended already, or journaled PENDING by an earlier version
 
             def roll_back(current: Outcome) -> Outcome:
                 if current.status is TxStatus.ROLLED_BACK:
@@ -307,7 +330,9 @@ class TransactionCoordinator:
     def get_transaction(self, tx_id: uuid.UUID | str) -> Outcome:
         """The transaction as journaled now, whoever wrote it; a PENDING one as this
         process holds it."""
-        tx = self._get(parse_tx_id(tx_id))
+        tx_id = parse_tx_id(tx_id)
+        self._end_if_expired(tx_id)
+        tx = self._get(tx_id)
         if tx.is_final:
             self._drivers.forget(tx.id)  # finished, perhaps by another coordinator
         return tx

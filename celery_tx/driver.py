@@ -150,6 +150,10 @@ class Drivers:
             f"no driver of this process runs {commit_function!r} and {rollback_function!r}"
         )
 
+    def kinds(self) -> list[str]:
+        """Every kind this process has a driver for, available or not."""
+        return [driver.kind for driver in self._all]
+
     def available_kinds(self) -> list[str]:
         """The kinds this process can run."""
         return [driver.kind for driver in self._all if driver.available]

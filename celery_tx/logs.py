@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from celery_tx import context
+from celery_tx.core.values import visible
 
 NONE = "-"
 """The value of ``tx_id`` and ``tx_step`` on a record about no transaction."""
@@ -30,7 +31,8 @@ def tx_extra(tx_id: uuid.UUID | str, step: str | None = None) -> dict[str, Any]:
     handler show them (``%(tx_id)s``); ``step`` alone would not collide with
     anything in ``logging`` either, but a prefix keeps them grouped.
     """
-    return {"tx_id": str(tx_id), "tx_step": step or NONE}
+    # Escaped: a step name is anyone's input, and log lines reach terminals.
+    return {"tx_id": str(tx_id), "tx_step": visible(step) if step else NONE}
 
 
 class TransactionLogFilter(logging.Filter):
@@ -41,7 +43,7 @@ class TransactionLogFilter(logging.Filter):
         if getattr(record, "tx_id", None) is None:
             step = context._current.get()
             record.tx_id = NONE if step is None else str(step.transaction_id)
-            record.tx_step = NONE if step is None else step.step
+            record.tx_step = NONE if step is None else visible(step.step)
         elif getattr(record, "tx_step", None) is None:
             record.tx_step = NONE
         return True

@@ -124,11 +124,16 @@ class Operations:
                     f"cannot abort transaction {current.id}: it is {current.status}",
                     status=current.status,
                 )
-            # Checked on the state written, not the one first read: a PENDING one
-            # committed meanwhile must have compensations this process can run.
-            self.drivers.of(current).check(current)
             running = tr.running_step_name(current)
             aborted = tr.begin_compensation(current, now, failed_step=running, error=reason)
+            if current.driver not in self.drivers.kinds():
+                # No version of celery-tx here runs it (a tampered row, or a newer
+                # version's): ended FAILED at the operator's word, nothing run.
+                why = f"not compensated: no {current.driver!r} driver in this process"
+                return tr.abandon_compensations(aborted, why, now)
+            # Checked on the state written, not the one first read: a PENDING one
+            # committed meanwhile must have compensations this process can run.
+            self.drivers.of(current).check(aborted)
             # Compensated from here on: this process (or its workers) owns it now.
             return evolve(aborted, owner=self.drivers.of(current).owner())
 

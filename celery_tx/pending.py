@@ -134,24 +134,15 @@ class PendingTransactions:
     def expired(self, now: datetime) -> list[tuple[uuid.UUID, str]]:
         """The PENDING transactions whose deadline or lifetime passed before ``now``,
         each with the reason."""
-        found = []
         with self._lock:
-            for tx_id, entry in self._entries.items():
-                if entry.ending is not None:
-                    continue
-                if _before(entry.tx.deadline, now):
-                    assert entry.tx.deadline is not None
-                    found.append((tx_id, f"deadline {entry.tx.deadline.isoformat()} passed"))
-                elif _before(entry.expires_at, now):
-                    lifetime = entry.expires_at - entry.tx.created_at  # type: ignore[operator]
-                    found.append(
-                        (
-                            tx_id,
-                            f"not committed within its pending lifetime of "
-                            f"{lifetime.total_seconds():g} s",
-                        )
-                    )
-        return found
+            found = [(tx_id, _expiry(entry, now)) for tx_id, entry in self._entries.items()]
+        return [(tx_id, reason) for tx_id, reason in found if reason is not None]
+
+    def expiry(self, tx_id: uuid.UUID, now: datetime) -> str | None:
+        """Why ``tx_id``, PENDING here, must end ROLLED_BACK by ``now`` (its deadline
+        or its lifetime passed); None if it need not, or is not PENDING here."""
+        entry = self._entries.get(tx_id)
+        return None if entry is None else _expiry(entry, now)
 
     def _open(self, journal: Journal, tx_id: uuid.UUID, action: str) -> Entry:
         """The entry, if nothing is ending it; else the refusal the journal's state gives."""
@@ -172,8 +163,16 @@ class PendingTransactions:
         return entry
 
 
-def _before(deadline: datetime | None, now: datetime) -> bool:
-    return deadline is not None and deadline < now
+def _expiry(entry: Entry, now: datetime) -> str | None:
+    """Why ``entry`` must end ROLLED_BACK by ``now``, or None."""
+    if entry.ending is not None:
+        return None
+    if entry.tx.deadline is not None and entry.tx.deadline < now:
+        return f"deadline {entry.tx.deadline.isoformat()} passed"
+    if entry.expires_at is not None and entry.expires_at < now:
+        lifetime = (entry.expires_at - entry.tx.created_at).total_seconds()
+        return f"not committed within its pending lifetime of {lifetime:g} s"
+    return None
 
 
 class _Shared:

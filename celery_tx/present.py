@@ -9,23 +9,13 @@ from typing import Any
 from celery_tx.core.lease import Lease
 from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.timeline import Span, timeline
+from celery_tx.core.values import visible
 
 Leases = Mapping[str, Lease]
 """Owners' leases by owner id (``TransactionCoordinator.owner_leases``)."""
 
 BAR_WIDTH = 40
 """Characters of a timeline bar in ``celery tx show``."""
-
-
-def visible(text: str) -> str:
-    """``text`` with its control characters shown escaped (``\\x1b``, ``\\r``,
-    ``\\u202e``): what the journal holds (names, errors, anyone's input) must not
-    steer the terminal it is printed to, nor start a line that was not there."""
-    if text.isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
 
 
 def _iso(moment: datetime | None) -> str | None:

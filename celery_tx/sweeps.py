@@ -44,7 +44,7 @@ from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Driver, Drivers, Event, owned_by, start_rollback
 from celery_tx.logs import tx_extra
-from celery_tx.pending import for_journal
+from celery_tx.pending import PendingTransactions, for_journal
 from celery_tx.store import Journal, candidates, owners
 
 logger = logging.getLogger("celery_tx.recovery")  # the name logging configs know
@@ -98,9 +98,13 @@ class Sweeper:
         self.journal = journal
         self.drivers = drivers
         self.step_limit = step_limit
-        self.pending = for_journal(journal)
-        """This process's PENDING transactions of the journal: only it can reap them."""
         self._prune_at = 0.0
+
+    @property
+    def pending(self) -> PendingTransactions:
+        """This process's PENDING transactions of the journal: only it can reap them
+        (looked up each time: a forked child holds none of its parent's)."""
+        return for_journal(self.journal)
 
     def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
         """Reap, then (``overtime``) roll back steps past their time limit, then recover."""

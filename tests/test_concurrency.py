@@ -134,6 +134,7 @@ def test_threads_racing_to_register_one_name(coordinator: TransactionCoordinator
 _RECOVER_SCRIPT = """
 import sys, time
 from celery_tx import TransactionCoordinator
+import tests.participants  # the participants this process may resume (@resumable)
 url, start = sys.argv[1], float(sys.argv[2])
 with TransactionCoordinator(url) as coordinator:
     coordinator.list_transactions()  # connect and create nothing before the start line

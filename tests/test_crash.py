@@ -12,23 +12,23 @@ from pathlib import Path
 import pytest
 
 from celery_tx import StepStatus, TransactionCoordinator, TransactionNotFound, TxStatus
-from tests import participants as _declares_the_participants  # noqa: F401  (this process resumes them)
+from tests.participants import BLOCK_AT, BLOCKED  # and the participants this process resumes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The child commits a 5-step transaction whose participants append "<step> done"
-# to a log (their effect) and then take 200 ms; it is killed after a given
-# number of effects, inside the step that made the last one. Its "ready" file
-# (the transaction id) is written aside and renamed, so it is never seen empty.
+# to a log (their effect). Told to (BLOCK_AT), the participant that made a given
+# effect blocks there, in the middle of its step, until it is killed. Its "ready"
+# file (the transaction id) is written aside and renamed: never seen empty.
 _CHILD = """
 import functools, os, sys
 from celery_tx import TransactionCoordinator
-from tests.participants import append_line_slowly, nothing
+from tests.participants import effect, nothing
 url, log, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 with TransactionCoordinator(url) as coordinator:
     tx_id = coordinator.begin_transaction(name="crash")
     for i in range(5):
-        action = functools.partial(append_line_slowly, log, f"s{i} done", 0.2)
+        action = functools.partial(effect, log, f"s{i} done")
         coordinator.register_participant(tx_id, f"s{i}", action, nothing)
     with open(ready + ".tmp", "w") as f:
         f.write(str(tx_id))
@@ -43,17 +43,20 @@ def _effects(log: Path) -> list[str]:
 
 
 def _run_and_kill(database_url: str, tmp_path: Path, effects_before_kill: int) -> tuple[Path, str]:
-    """Start the child, SIGKILL it once ``effects_before_kill`` effects are in the
-    log (0: as soon as it is about to commit); the log and the transaction id."""
-    log, ready = tmp_path / "effects.log", tmp_path / "ready"
+    """Start the child and SIGKILL it inside the step that makes effect number
+    ``effects_before_kill`` (0: as soon as it is about to commit); the log and
+    the transaction id."""
+    log, ready, blocked = tmp_path / "effects.log", tmp_path / "ready", tmp_path / "blocked"
+    block = {BLOCK_AT: f"s{effects_before_kill - 1} done", BLOCKED: str(blocked)}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, database_url, str(log), str(ready)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(block if effects_before_kill else {})},
     )
     try:
         deadline = time.monotonic() + 60
-        while not (ready.exists() and len(_effects(log)) >= effects_before_kill):
+        arrived = blocked if effects_before_kill else ready
+        while not arrived.exists():
             assert child.poll() is None, "the child ended before it was killed"
             assert time.monotonic() < deadline, "the child never got there"
             time.sleep(0.001)

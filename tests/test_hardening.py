@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from celery_tx import InvalidArgument, TransactionCoordinator, TxStatus
+from celery_tx import InvalidArgument, TransactionCoordinator, TransactionStateError, TxStatus
 from celery_tx.cli import tx
-from celery_tx.present import visible
+from celery_tx.core.values import visible
 from tests.journaled import journal_started
 from tests.participants import append_line, nothing
 
@@ -172,3 +172,32 @@ def test_beginning_and_registering_never_wait_for_the_journal(tmp_path: Path) ->
         coordinator.register_participant(tx_id, "a", nothing, nothing)
         assert time.monotonic() - started < 5
         assert coordinator.get_transaction(tx_id).status is TxStatus.PENDING
+
+
+def test_a_commit_past_the_lifetime_is_refused_and_nothing_runs(
+    database_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    with TransactionCoordinator(database_url, pending_lifetime=0.2) as coordinator:
+        late = coordinator.begin_transaction()
+        coordinator.register_participant(
+            late, "a", functools.partial(append_line, str(log), "ran"), nothing
+        )
+        time.sleep(0.3)
+        with pytest.raises(TransactionStateError, match="ROLLED_BACK"):
+            coordinator.commit_transaction(late)
+        outcome = coordinator.get_transaction(late)
+        assert outcome.status is TxStatus.ROLLED_BACK
+        assert "pending lifetime" in (outcome.error or "")
+        with pytest.raises(TransactionStateError):
+            coordinator.register_participant(late, "b", nothing, nothing)
+    assert not log.exists()
+
+
+def test_an_idle_process_lets_it_go_when_it_is_looked_at(database_url: str) -> None:
+    """No begin after it, no sweep: reading it finds it rolled back."""
+    with TransactionCoordinator(database_url, pending_lifetime=0.2) as coordinator:
+        forgotten = coordinator.begin_transaction()
+        time.sleep(0.3)
+        assert coordinator.get_transaction(forgotten).status is TxStatus.ROLLED_BACK
+        assert coordinator.rollback_transaction(forgotten).status is TxStatus.ROLLED_BACK

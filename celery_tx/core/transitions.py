@@ -305,7 +305,7 @@ def abandon_compensations(tx: Outcome, reason: str, now: datetime) -> Outcome:
     """Record every step still to undo as COMPENSATION_FAILED for ``reason``: FAILED.
 
     For a transaction nobody can run the compensations of (in-process
-    callables that no other process can import); an operator retries it
+    callables no other process declared, a driver this version lacks); an operator retries it
     (``retry_failed``) from a process that can.
     """
     _require(tx, T.COMPENSATING, "abandon the compensations")

@@ -55,3 +55,14 @@ def _storable(text: str) -> str:
     """
     text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
     return text[:_MAX_ERROR_LENGTH]
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters shown escaped (``\\x1b``, ``\\r``,
+    ``\\u202e``): what the journal holds (names, errors, anyone's input) must not
+    steer the terminal it is printed to, nor start a line that was not there."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )

@@ -15,8 +15,11 @@ Nothing here writes: aborting and retrying stay with ``celery tx``, behind
 whatever access the operators' shell has. Mount it behind your app's
 authentication: transaction names, step names and errors are shown.
 
-The JSON routes answer errors in JSON (``{"error": ..., "status": 400}``). Every
-response forbids framing (``X-Frame-Options: DENY`` and CSP ``frame-ancestors
+The JSON routes answer errors in JSON (``{"error": ..., "status": 400}``; 503
+while the journal is down). Requests that match no route of the blueprint (an
+unknown path under it, a POST) never reach it: the host app answers those,
+with its own error pages and headers. Every response of the blueprint forbids
+framing (``X-Frame-Options: DENY`` and CSP ``frame-ancestors
 'none'``) and allows only the page's own inline script, by a nonce drawn per
 response, and its inline styles: a name or error in the journal that smuggled
 markup past the escaping still could not run script.
@@ -33,6 +36,7 @@ from celery_tx.core.errors import (
     CeleryTxError,
     InvalidArgument,
     InvalidTransactionId,
+    JournalConflict,
     JournalUnavailable,
     TransactionNotFound,
 )
@@ -187,9 +191,12 @@ def _guard(blueprint: Blueprint) -> None:
             return error
         return jsonify(error=error.description, status=error.code), error.code
 
-    @blueprint.errorhandler(JournalUnavailable)
-    def journal_down(error: JournalUnavailable) -> Any:
-        message = f"the journal is unavailable: {error}"
+    @blueprint.errorhandler(CeleryTxError)
+    def failed(error: CeleryTxError) -> Any:
+        # The journal down or too busy: try again later (503); anything else, a 500.
+        transient = isinstance(error, JournalUnavailable | JournalConflict)
+        code = 503 if transient else 500
+        message = f"the journal is unavailable: {error}" if transient else str(error)
         if _is_api(request.endpoint):
-            return jsonify(error=message, status=503), 503
-        return message, 503, {"Content-Type": "text/plain; charset=utf-8"}
+            return jsonify(error=message, status=code), code
+        return message, code, {"Content-Type": "text/plain; charset=utf-8"}

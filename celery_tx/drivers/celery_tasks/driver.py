@@ -201,23 +201,26 @@ class CeleryDriver:
             return tx
 
     def check(self, tx: Outcome) -> None:
-        """An app to send with, and a declared participant task of this process
-        for every action and compensation the journal names: a row naming
-        anything else (another task, an in-process callable) is refused before
-        anything is sent."""
+        """An app to send with; for a RUNNING transaction, a declared action task of
+        this process for every action still to send. Compensations are checked as
+        they are sent (``dispatch.send_compensations``): one a row names that is
+        not declared is journaled COMPENSATION_FAILED, refused, while the other
+        steps' are still sent."""
         if self.app is None:
             raise ParticipantNotResolvable(
                 f"transaction {tx.id} has Celery task participants: this needs "
                 "TransactionCoordinator(app=...) (celery -A proj tx ...)"
             )
-        for step in tx.steps:
-            for phase in ("action", "compensation"):
-                try:
-                    messages.build_signature(self.app, tx, step.position, phase)
-                except InvalidParticipant as exc:
-                    raise ParticipantNotResolvable(
-                        f"{exc}: run this with the app whose workers run it (celery -A proj tx)"
-                    ) from exc
+        if tx.status is not TxStatus.RUNNING:
+            return
+        undone = (step.position for step in tx.steps if step.status is not StepStatus.DONE)
+        for position in range(next(undone, len(tx.steps)), len(tx.steps)):
+            try:
+                messages.build_signature(self.app, tx, position, "action")
+            except InvalidParticipant as exc:
+                raise ParticipantNotResolvable(
+                    f"{exc}: run this with the app whose workers run it (celery -A proj tx)"
+                ) from exc
 
     def resume(self, tx: Outcome, position: int) -> Outcome:
         """Send the actions from ``position`` on, as one chain."""
@@ -231,11 +234,17 @@ class CeleryDriver:
 
     def time_limit(self, step: StepOutcome) -> float | None:
         """A step's hard time limit: its signature's, else its task's, else the app's."""
+        action = step.action if isinstance(step.action, dict) else {}
         if self.app is None:
             return None
-        task = self.app.tasks.get(step.action.get("task"))
+        options = action.get("options", {})
+        # A journaled limit counts only if it is one a registration could give.
+        journaled = options.get("time_limit") if messages.options_problem(options) is None else None
+        task = (
+            self.app.tasks.get(action.get("task")) if isinstance(action.get("task"), str) else None
+        )
         for limit in (
-            step.action.get("options", {}).get("time_limit"),
+            journaled,
             getattr(task, "time_limit", None),
             self.app.conf.get("task_time_limit"),
         ):

@@ -142,12 +142,9 @@ def encode_call(
     clash = [key for key in kwargs if key in RESERVED_KWARGS]
     if clash:
         raise InvalidArgument(f"{what}: keyword arguments {clash} are reserved by celery-tx")
-    unknown = sorted(set(options) - _ALLOWED_OPTIONS)
-    if unknown:
-        raise InvalidArgument(
-            f"{what}: signature options {unknown} are not supported in a transaction "
-            f"(allowed: {sorted(_ALLOWED_OPTIONS)})"
-        )
+    problem = options_problem(options)
+    if problem is not None:
+        raise InvalidArgument(f"{what}: {problem}")
     _check_arguments(spec, args, kwargs, what)
     payload = _round_trip(args, kwargs, what)
     description: dict[str, Any] = {
@@ -162,6 +159,38 @@ def encode_call(
             raise InvalidArgument(f"{what}: options cannot be sent as JSON: {exc}") from exc
         description["options"] = dict(options)
     return description
+
+
+def options_problem(options: object) -> str | None:
+    """What is wrong with a step's signature options (None: nothing): only routing
+    and time limits, each of its type. Checked when a signature is registered and
+    again on every journaled description a message is built from: a row must not
+    add links, errbacks, a serializer or a countdown."""
+    if not isinstance(options, dict):
+        return f"signature options must be a mapping, got {type(options).__name__}"
+    unknown = sorted(str(key) for key in set(options) - _ALLOWED_OPTIONS)
+    if unknown:
+        return (
+            f"signature options {unknown} are not supported in a transaction "
+            f"(allowed: {sorted(_ALLOWED_OPTIONS)})"
+        )
+    for key, value in options.items():
+        if key in ("queue", "routing_key", "exchange"):
+            fits = isinstance(value, str) and 0 < len(value) <= 255
+        elif key == "priority":
+            fits = type(value) is int and 0 <= value <= 255
+        else:  # the time limits
+            fits = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and 0 < value <= _MAX_TIME_LIMIT
+            )
+        if not fits:
+            return f"signature option {key}={value!r} is not a valid {key}"
+    return None
+
+
+_MAX_TIME_LIMIT = 365 * 86400.0
 
 
 def _round_trip(args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> str:
@@ -214,8 +243,13 @@ def _check_arguments(
 
 
 def decode_arguments(description: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The args and kwargs a journaled call was registered with."""
+    """The args and kwargs a journaled call was registered with; ``ValueError`` when
+    the journal holds something else."""
     args, kwargs = _loads(description["arguments"])
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError("arguments are not [args, kwargs]")
+    if not all(isinstance(key, str) for key in kwargs):
+        raise ValueError("keyword argument names are not strings")
     return tuple(args), dict(kwargs)
 
 
@@ -251,11 +285,17 @@ def build_signature(
         )
     try:
         args, kwargs = decode_arguments(description)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise InvalidParticipant(
             f"step {step.name!r} of transaction {tx.id} journals malformed {phase} "
-            f"arguments: {exc!r}"
-        ) from exc
+            f"arguments ({type(exc).__name__}); nothing was sent"
+        ) from None
+    problem = options_problem(description.get("options", {}))
+    if problem is not None:
+        raise InvalidParticipant(
+            f"step {step.name!r} of transaction {tx.id} journals refused {phase} options: "
+            f"{problem}; nothing was sent"
+        )
     kwargs.update({TX_ID: str(tx.id), TX_STEP: step.name, TX_PHASE: phase})
     if carried:
         kwargs[TX_CARRIED] = True

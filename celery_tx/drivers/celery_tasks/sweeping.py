@@ -50,8 +50,10 @@ def sweep_once(app: Any, overtime: bool = False) -> SweepReport:
     report = sweeper.sweep(stalled_after, overtime=overtime)
     if report:
         logger.warning(
-            "sweep: %d rolled back past a deadline or time limit, %d resumed, %d left for later",
-            *(len(report.rolled_back), len(report.resumed), len(report.errors)),
+            "sweep: %d rolled back past a deadline or time limit, %d resumed, "
+            "%d ended FAILED (not runnable here), %d left for later",
+            *(len(report.rolled_back), len(report.resumed), len(report.failed)),
+            len(report.errors),
         )
     return report
 

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Task
 
 from celery_tx.core.errors import InvalidParticipant, ParticipantNotResolvable
+from celery_tx.core.values import visible
 from celery_tx.drivers.local import resumable
 
 DESCRIPTION_KIND = "callable"
@@ -62,6 +63,11 @@ def describe(function: object, *, role: str) -> dict[str, Any]:
 def resolve(description: dict[str, Any]) -> Callable[[], Any]:
     """The callable a description names; ``ParticipantNotResolvable`` unless it
     names a function this process declared ``@resumable``."""
+    if not isinstance(description, dict):
+        raise ParticipantNotResolvable(
+            f"a journaled participant is {type(description).__name__}, not a description; "
+            "nothing was run"
+        )
     if description.get("kind") != DESCRIPTION_KIND:
         raise ParticipantNotResolvable(
             f"{_shown(description)} is not an in-process participant; nothing was run"
@@ -96,8 +102,9 @@ def _short_repr(function: object) -> str:
 
 
 def _shown(description: dict[str, Any]) -> str:
-    """A journaled description, short, for an error message."""
-    return str(description.get("repr") or description)[:200]
+    """A journaled description, short and escaped, for an error message (which
+    is logged, and printed): the journal's text steers no terminal."""
+    return visible(str(description.get("repr") or description)[:200])
 
 
 def _unwrap_partial(function: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
