@@ -87,6 +87,23 @@ def truncate_journal(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _release_app_journals() -> Iterator[None]:
+    """Close the journals a test's Celery apps bound (connections and leases) when it
+    ends. A test app outlives its test in Celery's own registries, and its
+    journal's idle connections with it: over a whole run they would fill the
+    database's connection slots."""
+    from celery_tx import leases
+    from celery_tx.drivers.celery_tasks import binding
+
+    before = {id(journal) for journal in binding.bound_journals()}
+    yield
+    for journal in binding.bound_journals():
+        if id(journal) not in before:
+            leases.stop(journal)
+            journal.close()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A clean journal database: a SQLite file, then PostgreSQL."""

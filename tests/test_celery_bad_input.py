@@ -321,7 +321,18 @@ BAD_REGISTRATIONS: dict[str, tuple[Build, type[Exception], str]] = {
     "unencodable-option": (
         lambda p, app: (tasks.step.s(p, "a").set(priority=object()), None),
         InvalidArgument,
-        "commit_function: options cannot be sent as JSON",
+        "commit_function: signature option priority=<object object at .*> is not a valid "
+        "priority",
+    ),
+    "mistyped-option": (
+        lambda p, app: (tasks.step.s(p, "a").set(queue=["a", "b"]), None),
+        InvalidArgument,
+        re.escape("commit_function: signature option queue=['a', 'b'] is not a valid queue"),
+    ),
+    "negative-time-limit": (
+        lambda p, app: (tasks.step.s(p, "a").set(time_limit=-1), None),
+        InvalidArgument,
+        "commit_function: signature option time_limit=-1 is not a valid time_limit",
     ),
 }
 

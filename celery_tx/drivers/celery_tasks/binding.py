@@ -26,6 +26,12 @@ _journals: weakref.WeakKeyDictionary[Any, Journal] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
+def bound_journals() -> list[Journal]:
+    """The journals bound to apps in this process, now."""
+    with _lock:
+        return list(_journals.values())
+
+
 def database_url_for(app: Any, database_url: str | URL | None = None) -> URL:
     """The argument, else the app's ``celery_tx_database_url``, else the environment or default."""
     return resolve_database_url(database_url or app.conf.get(CONFIG_KEY))
