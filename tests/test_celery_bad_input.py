@@ -321,8 +321,7 @@ BAD_REGISTRATIONS: dict[str, tuple[Build, type[Exception], str]] = {
     "unencodable-option": (
         lambda p, app: (tasks.step.s(p, "a").set(priority=object()), None),
         InvalidArgument,
-        "commit_function: signature option priority=<object object at .*> is not a valid "
-        "priority",
+        "commit_function: signature option priority=<object object at .*> is not a valid priority",
     ),
     "mistyped-option": (
         lambda p, app: (tasks.step.s(p, "a").set(queue=["a", "b"]), None),
