@@ -71,6 +71,10 @@ else:
     # Redis redelivers an unacknowledged message only after this many seconds;
     # it must exceed the longest step, and be the same for every client.
     broker_transport_options = {"visibility_timeout": 3600}
+    if broker_url.partition("://")[0] in ("redis", "rediss"):
+        # kombu's Redis transport, with which a worker survives a Redis restart:
+        # kombu's own can make it exit (celery_tx/drivers/celery_tasks/redis_broker.py).
+        broker_transport = "celery_tx.drivers.celery_tasks.redis_broker:Transport"
 
 # Ride out a broker restart of several seconds when sending (commit, chains,
 # compensations) instead of failing at once: 0 s, then 0.5 s more each try, up

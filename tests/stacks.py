@@ -25,6 +25,11 @@ from tests.conftest import server_missing, truncate_journal
 REDIS_URL = os.environ.get("CELERY_TX_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
 AMQP_URL = os.environ.get("CELERY_TX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 STACKS = ["embedded", "redis", "rabbitmq"]
+# The kombu transports celeryconfig.py sets (RabbitMQ: kombu's own).
+TRANSPORTS = {
+    "embedded": "celery_tx.drivers.celery_tasks.filesystem:Transport",
+    "redis": "celery_tx.drivers.celery_tasks.redis_broker:Transport",
+}
 
 
 @dataclass
@@ -59,11 +64,7 @@ class Stack:
         return {
             "broker_url": self.broker_url,
             "broker_transport_options": self.transport_options,
-            **(
-                {"broker_transport": "celery_tx.drivers.celery_tasks.filesystem:Transport"}
-                if self.name == "embedded"
-                else {}
-            ),
+            **({"broker_transport": TRANSPORTS[self.name]} if self.name in TRANSPORTS else {}),
             "result_backend": None,
             "celery_tx_database_url": self.database_url,
             "task_default_queue": self.queue,

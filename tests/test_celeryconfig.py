@@ -68,7 +68,11 @@ def test_environment_chooses_the_servers(tmp_path: Path) -> None:
     assert config["result_backend"] == "redis://127.0.0.1:6379/1"
     assert config["celery_tx_database_url"] == "postgresql://postgres@127.0.0.1/test"
     assert config["broker_transport_options"] == {"visibility_timeout": 3600}
+    # kombu's Redis transport with the fix that keeps a worker alive across a restart.
+    assert config["broker_transport"] == "celery_tx.drivers.celery_tasks.redis_broker:Transport"
     assert not (tmp_path / ".celery_tx").exists()
+    amqp = _config(tmp_path, CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    assert "broker_transport" not in amqp  # kombu's own, from the URL
 
 
 @pytest.mark.slow
