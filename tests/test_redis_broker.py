@@ -13,6 +13,7 @@ celery-tx's raises nothing.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,14 +55,14 @@ def _lose_the_server_while_consuming(server: PrivateRedis, transport: str) -> Co
     Consumer(channel, [tasks], callbacks=[lambda body, message: received.append(message)]).consume()
     control = Queue("control", Exchange("control", type="fanout"), auto_delete=True)
     Consumer(connection.channel(), [control], callbacks=[lambda body, message: None]).consume()
-    connection.drain_events(timeout=5)
-    for _ in range(50):  # until the next BRPOP was sent and waits for its reply
-        if channel._in_poll:
-            break
+    # Until the message came (an event of the control channel may come first) and
+    # the next BRPOP was sent and waits for its reply.
+    deadline = time.monotonic() + 30
+    while not (received and channel._in_poll):
+        assert time.monotonic() < deadline, f"received {len(received)}, in poll {channel._in_poll}"
         with contextlib.suppress(TimeoutError):  # socket.timeout: nothing came
             connection.drain_events(timeout=0.1)
     assert len(received) == 1, "not acknowledged: restored when the channel closes"
-    assert channel._in_poll, "no BRPOP in flight"
     server.stop()
     connection.collect(socket_timeout=5)
     return connection
