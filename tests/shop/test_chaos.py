@@ -48,7 +48,7 @@ from tests.private_broker import PrivateRabbitMQ, PrivateRedis, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-ORDERS = 1000
+ORDERS = 600  # enough for two broker restarts and the kills between them
 STALLED_AFTER = 5  # seconds; the demo's customers keep the queues short
 LEASE = 3  # seconds
 # Fractions of the orders final: the broker restarts at each; the chaos stops at the last.
