@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from example_shop import demo
+from example_shop import isolation
 
 USAGE = "usage: python -m example_shop demo [--orders N] [--concurrency N] [--help]"
 
@@ -14,6 +14,10 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "demo":
         print(USAGE, file=sys.stderr)
         return 2
+    if not {"--no-worker", "-h", "--help"} & set(argv[1:]):
+        isolation.isolate_run()  # before the app is configured: it reads the folder and queues
+    from example_shop import demo  # noqa: PLC0415  (after the isolation, see above)
+
     return demo.main(argv[1:])
 
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 from celery import Celery
 
 from celery_tx import TransactionCoordinator
-from example_shop.settings import SERVICES
+from example_shop.settings import SERVICES, queue
 
 SERVICE_MODULES = [f"example_shop.services.{service}" for service in SERVICES]
-ALL_QUEUES = ",".join(f"shop.{service}" for service in SERVICES)
+ALL_QUEUES = ",".join(queue(service) for service in SERVICES)
+"""The four services' queues (``SHOP_QUEUE_PREFIX`` read when this is imported)."""
 
 
 def configure(app: Celery) -> Celery:
     """Give ``app`` the shop's configuration and service tasks."""
     app.config_from_object("celeryconfig")
-    app.conf.task_routes = {f"shop.{s}.*": {"queue": f"shop.{s}"} for s in SERVICES}
+    app.conf.task_routes = {f"shop.{s}.*": {"queue": queue(s)} for s in SERVICES}
     app.conf.include = SERVICE_MODULES
     return app
 

@@ -11,11 +11,15 @@ summary, and exits 1 if an invariant of the shop is broken.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
+import shlex
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 from celery_tx import TransactionCoordinator, TxStatus
 from example_shop import invariants, settings
-from example_shop.app import app, coordinator
+from example_shop.app import ALL_QUEUES, app, coordinator
 from example_shop.checkout import OrderNotPlaced, place_order
 from example_shop.runtime import CATALOG, reset_shop, start_worker, stop_worker
 from example_shop.services import orders
@@ -75,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     log_path = settings.data_dir() / "demo-worker.log"
     with SmtpSink(port=args.smtp_port) as sink, log_path.open("w") as log:
         os.environ["SHOP_SMTP_PORT"] = str(sink.port)  # the worker inherits it
+        name = f"demo-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         worker = (
-            None if args.no_worker else start_worker(concurrency=args.worker_concurrency, log=log)
+            None
+            if args.no_worker
+            else start_worker(concurrency=args.worker_concurrency, log=log, name=name)
         )
         try:
+            if worker is not None:
+                _warn_of_foreign_consumers(name, out)
             started = time.monotonic()
             final = _run_orders(coordinator, scenario, args.concurrency, args.timeout, out)
             elapsed = time.monotonic() - started
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if worker is not None:
                 stop_worker(worker)
+                _delete_the_runs_queues()
         broken = invariants.check(final, sink.received.emails_by_order())
         _summary(final, elapsed, reconciled, sink, out)
     if broken:
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker log: {log_path}", file=out)
         return 1
     print("\nall invariants hold", file=out)
+    _show_a_rollback(final, out)
     return 0
 
 
@@ -244,6 +255,72 @@ def _summary(
         f"emails received {sum(len(v) for v in received.emails_by_order().values())}"
         f" (duplicate deliveries {received.duplicates()}), addresses refused {received.refused};"
         f" orders confirmed by reconciliation {reconciled}",
+        file=out,
+    )
+
+
+def _warn_of_foreign_consumers(ours: str, out: TextIO) -> None:
+    """Say so if a worker other than this demo's consumes its queues (its orders would
+    run there, with that worker's mail server and databases). Brokers that answer
+    Celery's remote control only (Redis, RabbitMQ); the embedded broker's folder
+    is this run's own (``example_shop.isolation``)."""
+    if app.conf.broker_url.startswith("filesystem"):
+        return
+    try:
+        consumers = app.control.inspect(timeout=2).active_queues() or {}
+    except Exception:  # no remote control on this broker: nothing to check with
+        return
+    mine = set(ALL_QUEUES.split(","))
+    foreign = sorted(
+        node
+        for node, queues in consumers.items()
+        if node != ours and mine & {q.get("name") for q in queues}
+    )
+    if foreign:
+        print(
+            f"warning: other workers consume this demo's queues: {', '.join(foreign)}; "
+            "their orders run with their settings, and the invariants may not hold",
+            file=out,
+        )
+
+
+def _delete_the_runs_queues() -> None:
+    """Delete this run's own queues (``example_shop.isolation``) from a broker that
+    keeps them (RabbitMQ's are durable): a run leaves nothing behind."""
+    if app.conf.broker_url.startswith("filesystem") or not os.environ.get(
+        "SHOP_QUEUE_PREFIX", ""
+    ).startswith("demo-"):
+        return
+    try:
+        with app.connection_for_write() as connection:
+            for queue in ALL_QUEUES.split(","):
+                channel = connection.channel()
+                try:
+                    channel.queue_delete(queue)
+                except Exception:  # never declared (no order went there): nothing to delete
+                    pass
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+    except Exception as exc:  # the broker went away: the queues stay, harmless
+        print(f"could not delete this run's queues: {exc!r}", file=sys.stderr)
+
+
+def _show_a_rollback(placed: list[invariants.Placed], out: TextIO) -> None:
+    """Name one rolled-back order's transaction, and the commands that show it."""
+    rolled_back = [p for p in placed if p.outcome.status is TxStatus.ROLLED_BACK]
+    if not rolled_back:
+        return
+    tx = rolled_back[0].outcome
+    folder = f"CELERY_TX_DATA_DIR={shlex.quote(str(settings.data_dir()))} "
+    celery = f"{folder}{shlex.quote(sys.executable)} -m celery -A example_shop.app"
+    print(
+        f"\na rolled-back order: transaction {tx.id} ({tx.failed_step}: {tx.error})\n"
+        "look at it:\n"
+        f"  {celery} tx show {tx.id}\n"
+        f"  {celery} tx list --status ROLLED_BACK\n"
+        f"  {folder}{shlex.quote(sys.executable)} -m flask --app example_shop.web run\n"
+        f"    then open http://127.0.0.1:5000/transactions/{tx.id}",
         file=out,
     )
 

@@ -46,17 +46,19 @@ def start_worker(
     log: IO[str] | int | None = subprocess.DEVNULL,
     loglevel: str = "WARNING",
     new_session: bool = False,
+    name: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``celery -A example_shop.app worker`` on all four services' queues.
 
     ``new_session``: in a process group of its own, so that the worker and its
-    pool processes can be signalled together (``os.killpg``).
+    pool processes can be signalled together (``os.killpg``). ``name``: its node
+    name (default: ``shop-<random>@<host>``, so that several run side by side).
     """
     command = [
         *(sys.executable, "-m", "celery", "-A", "example_shop.app", "worker"),
         *("-Q", ALL_QUEUES, "-P", "prefork", "-c", str(concurrency)),
         *("--loglevel", loglevel, "--without-gossip", "--without-mingle"),
-        *("-n", f"shop-{uuid.uuid4().hex[:8]}@%h"),  # several may run side by side
+        *("-n", name or f"shop-{uuid.uuid4().hex[:8]}@%h"),  # several may run side by side
     ]
     environment = dict(os.environ if env is None else env)
     # The worker imports example_shop and celeryconfig from the project folder.

@@ -8,6 +8,8 @@
   gives one service a database of its own instead.
 - ``SHOP_SMTP_HOST`` / ``SHOP_SMTP_PORT`` (``127.0.0.1:8025``): the mail server the
   notification service sends through; the demo starts a local sink there.
+- ``SHOP_QUEUE_PREFIX`` (none): put before every queue name (``shop.orders``...);
+  a demo run sets its own (``example_shop.isolation``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def service_location(service: str) -> ServiceLocation:
     folder = data_dir() / "shop"
     folder.mkdir(exist_ok=True)
     return ServiceLocation(f"sqlite:///{folder / service}.sqlite3", None)
+
+
+def queue(service: str) -> str:
+    """The queue of ``service``'s tasks: ``shop.<service>``, after ``SHOP_QUEUE_PREFIX``."""
+    return f"{os.environ.get('SHOP_QUEUE_PREFIX', '')}shop.{service}"
 
 
 def smtp_address() -> tuple[str, int]:

@@ -10,7 +10,10 @@ extras=$1
 stamp=.venv/.install-stamp-$extras
 want=$(cat pyproject.toml | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # Said, not silent: the first install takes about half a minute.
+  echo "installing celery-tx and what it needs ($extras) into .venv (first run, or pyproject.toml changed)..." >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
   echo "$want" > "$stamp"
+  echo "installed." >&2
 fi

@@ -14,7 +14,7 @@ import pytest
 from kombu import Connection
 
 from example_shop.app import ALL_QUEUES
-from example_shop.runtime import PROJECT_ROOT
+from example_shop.runtime import PROJECT_ROOT, start_worker, stop_worker
 from tests.conftest import truncate_journal
 from tests.stacks import AMQP_URL, REDIS_URL, _check_rabbitmq, _check_redis
 
@@ -65,6 +65,53 @@ def _assert_consistent(result: subprocess.CompletedProcess[str], orders: int) ->
 def test_the_demo_keeps_the_invariants_on_the_embedded_default(tmp_path: Path):
     result = _run_demo(_clean_env(tmp_path), "--orders", "150", "--concurrency", "6")
     _assert_consistent(result, 150)
+
+
+@pytest.mark.slow
+def test_two_demos_at_once_beside_a_running_shop_worker_all_keep_the_invariants(tmp_path: Path):
+    """From one folder, as a newcomer does: a shop worker on the default data folder
+    (the README's shop section), then two demos at once. Each demo runs in a data
+    folder and on queues of its own, so neither the worker nor the other demo
+    takes its orders; each ends naming a rolled-back order and how to look at it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "SHOP_"))}
+    env["PYTHONPATH"] = str(PROJECT_ROOT)
+    shop = start_worker({**env, "CELERY_TX_DATA_DIR": str(tmp_path / ".celery_tx")})
+    try:
+        command = [sys.executable, "-m", "example_shop", "demo", "--orders", "60"]
+        demos = [
+            subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            for _ in range(2)
+        ]
+        results = []
+        for demo in demos:
+            try:
+                stdout, stderr = demo.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo.pid, signal.SIGKILL)
+                stdout, stderr = demo.communicate()
+            results.append((demo.returncode, stdout, stderr))
+    finally:
+        stop_worker(shop)
+    journals = set()
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "all invariants hold" in stdout
+        journals.add(re.search(r"^journal: (.*)$", stdout, flags=re.MULTILINE).group(1))
+        rolled_back = re.search(r"a rolled-back order: transaction ([0-9a-f-]{36})", stdout)
+        assert rolled_back is not None, stdout
+        assert f"tx show {rolled_back.group(1)}" in stdout
+        assert "tx list --status ROLLED_BACK" in stdout
+        assert f"/transactions/{rolled_back.group(1)}" in stdout
+    assert len(journals) == 2  # two runs, two folders
+    assert all(".celery_tx/demo-runs/" in journal for journal in journals)
 
 
 @pytest.mark.slow
