@@ -222,6 +222,7 @@ def reset_command() -> None:
     accounts = ", ".join(f"{name} ({cents / 100:.2f})" for name, cents in DEMO_BALANCES.items())
     click.echo(f"accounts: {accounts}")
     click.echo(f"products: {', '.join(sorted(DEMO_STOCK))}, {DEMO_STOCK['MUG']} units each")
+    click.echo("the journal keeps every transaction so far (celery -A example_shop.web tx list)")
 
 
 # -- the JSON API ----------------------------------------------------------------

@@ -1,7 +1,10 @@
 # Sourced by test.sh: Debian's chromium and chromedriver for the web page's test
 # (tests/test_web_page.py). Installed when missing and this is a Debian machine
 # we may install on (root, apt-get); elsewhere that test skips (fails with CI=true).
-if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+# CELERY_TX_NO_BROWSER=1: do not install it (the browser test then skips).
+if [ -n "${CELERY_TX_NO_BROWSER:-}" ]; then
+  :
+elif [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium and chromium-driver for the browser test..." >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
