@@ -11,7 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from celery_tx import barrier, current_step, participant
 from example_shop.db import ServiceDatabase
-from example_shop.services.errors import InvalidOrder, OutOfStock, UnknownProduct
+from example_shop.services.errors import InvalidOrder, OutOfStock, ShopRuleBroken, UnknownProduct
 
 RESERVED, RELEASED = "RESERVED", "RELEASED"
 # Bounds that keep every amount within the 32-bit integer columns of PostgreSQL:
@@ -93,7 +93,7 @@ def quote(items: Iterable[Any]) -> int:
     return total
 
 
-@participant(name="shop.inventory.reserve")
+@participant(name="shop.inventory.reserve", throws=(ShopRuleBroken,))  # business rules: expected
 def reserve(order_id: str, items: list[dict[str, Any]]) -> dict[str, int]:
     """Hold every item's units for the order, all or none."""
     checked = check_items(items)

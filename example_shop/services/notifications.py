@@ -19,7 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from celery_tx import RetryPolicy, barrier, current_step, participant
 from example_shop import settings
 from example_shop.db import ServiceDatabase
-from example_shop.services.errors import EmailRefused
+from example_shop.services.errors import EmailRefused, ShopRuleBroken
 
 SENT, RETRACTED = "SENT", "RETRACTED"
 SENDER = "shop@example.com"
@@ -51,6 +51,7 @@ database = ServiceDatabase("notifications", Base.metadata)
     # (smtplib's refusals are OSErrors too, so they are not listed broadly).
     retry_for=(ConnectionError, TimeoutError, smtplib.SMTPServerDisconnected),
     retry=RetryPolicy(max_attempts=5, initial_delay=0.5, max_delay=5.0),
+    throws=(ShopRuleBroken,),  # expected: rolls the order back, logged without a traceback
 )
 def send_confirmation(order_id: str, email: str, total_cents: int) -> dict[str, str] | None:
     """Email the customer that the order is confirmed."""

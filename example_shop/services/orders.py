@@ -22,7 +22,7 @@ from celery_tx import (
     transaction_finished,
 )
 from example_shop.db import ServiceDatabase
-from example_shop.services.errors import InvalidOrder
+from example_shop.services.errors import InvalidOrder, ShopRuleBroken
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@participant(name="shop.orders.create")
+@participant(name="shop.orders.create", throws=(ShopRuleBroken,))  # business rules: expected
 def create_order(
     order_id: str, customer_id: str, email: str, items: list[dict[str, Any]], total_cents: int
 ) -> dict[str, str]:

@@ -11,7 +11,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from celery_tx import barrier, current_step, participant
 from example_shop.db import ServiceDatabase
-from example_shop.services.errors import InsufficientFunds, InvalidOrder, UnknownCustomer
+from example_shop.services.errors import (
+    InsufficientFunds,
+    InvalidOrder,
+    ShopRuleBroken,
+    UnknownCustomer,
+)
 
 CAPTURED, REFUNDED = "CAPTURED", "REFUNDED"
 
@@ -48,7 +53,7 @@ class Payment(Base):
 database = ServiceDatabase("payments", Base.metadata)
 
 
-@participant(name="shop.payments.charge")
+@participant(name="shop.payments.charge", throws=(ShopRuleBroken,))  # business rules: expected
 def charge(order_id: str, customer_id: str, amount_cents: int) -> dict[str, str] | None:
     """Debit the customer and record a CAPTURED payment; refuses an overdraft."""
     if amount_cents <= 0:

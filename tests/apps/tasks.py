@@ -97,3 +97,20 @@ def slow(path: str, name: str, seconds: float) -> None:
 def slow_undo(path: str, name: str, seconds: float) -> None:
     """Append ``name:compensation``."""
     _append(path, f"{name}:compensation")
+
+
+class Declined(Exception):
+    """A business refusal the participant below declares (``throws=``)."""
+
+
+@participant(name="tests.decline", throws=(Declined,))
+def decline(path: str, name: str, declared: bool = True) -> None:
+    """Refuse, with the declared business exception or an undeclared one."""
+    _append(path, f"{name}:declined")
+    raise Declined(f"{name} was declined") if declared else StepFailed(f"{name} broke")
+
+
+@decline.compensation(name="tests.decline_undo")
+def undo_decline(path: str, name: str, declared: bool = True) -> None:
+    """Nothing to undo: the action refused before any effect."""
+    _append(path, f"{name}:compensation")

@@ -146,9 +146,22 @@ def step_failed(request: Any, exc: BaseException, traceback: Any, tx_id: str) ->
     except TransactionStateError:  # another errback, a sweep or an operator won
         logger.info("errback lost the race to roll back", extra=tx_extra(tx.id, name))
         return
-    logger.warning(
-        "action of %r failed, rolling back: %s", name, error, extra=tx_extra(tx.id, name)
+    # A business exception the participant declared (throws=) is an outcome the
+    # application expects: info, as Celery logs it too; anything else a warning.
+    expected = isinstance(exc, _declared_throws(app, request))
+    logger.log(
+        logging.INFO if expected else logging.WARNING,
+        "action of %r failed, rolling back: %s",
+        *(name, error),
+        extra=tx_extra(tx.id, name),
     )
+
+
+def _declared_throws(app: Any, request: Any) -> tuple[type[BaseException], ...]:
+    """The exception types the failed participant task declared with ``throws=``."""
+    task = app.tasks.get(getattr(request, "task", None) or "")
+    throws = getattr(task, "throws", ())
+    return tuple(throws) if isinstance(throws, tuple | list) else ()
 
 
 def _carried(request: Any) -> messages.Carried | None:

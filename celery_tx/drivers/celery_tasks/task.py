@@ -96,7 +96,10 @@ def participant(function: Callable[..., Any] | None = None, /, **options: Any) -
 
     Usable bare (``@participant``) or with options: ``name`` (default
     ``module.function``), ``queue``, ``retry_for`` (exception types retried by
-    ``retry``, a ``RetryPolicy``, without compensating), ``time_limit`` and
+    ``retry``, a ``RetryPolicy``, without compensating), ``throws`` (Celery's
+    own: the business exceptions it raises in normal operation, such as
+    ``InsufficientFunds``; they still roll the transaction back, but Celery and
+    celery-tx log them at info level without a traceback), ``time_limit`` and
     ``soft_time_limit`` (seconds), and any other Celery task option. The task's
     ``.compensation`` decorator declares its undo. Bad options are refused here,
     with ``InvalidArgument``.
@@ -110,9 +113,10 @@ def participant(function: Callable[..., Any] | None = None, /, **options: Any) -
 def _check_options(options: dict[str, Any]) -> None:
     if options.get("bind"):
         raise InvalidArgument("participants cannot be bind=True; use current_step() instead")
-    retry_for = options.get("retry_for", ())
-    if not (isinstance(retry_for, tuple) and all(_is_exception(t) for t in retry_for)):
-        raise InvalidArgument(f"retry_for must be a tuple of exception types, got {retry_for!r}")
+    for key in ("retry_for", "throws"):
+        types = options.get(key, ())
+        if not (isinstance(types, tuple) and all(_is_exception(t) for t in types)):
+            raise InvalidArgument(f"{key} must be a tuple of exception types, got {types!r}")
     retry = options.get("retry")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidArgument(f"retry must be a RetryPolicy, got {retry!r}")
