@@ -57,6 +57,7 @@ def worker_process(
     includes: tuple[str, ...] = (),
     concurrency: int = 1,
     env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[WorkerProcess]:
     """`celery -A tests.apps.embedded worker -P prefork -Q queue` on the stack's servers."""
     log = folder / "worker.log"
@@ -66,6 +67,7 @@ def worker_process(
         *("-P", "prefork", "-c", str(concurrency), "-Q", queue, "--loglevel=INFO"),
         *("--without-heartbeat", "--without-gossip", "--without-mingle"),
         *(arg for module in includes for arg in ("-I", module)),
+        *extra,
     ]
     with log.open("w") as output:
         process = subprocess.Popen(
