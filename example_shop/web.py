@@ -404,6 +404,7 @@ class OrderRow:
     items: str
     total: str
     status: str
+    transaction_id: str
     transaction_status: str | None
     transaction_error: str | None
     steps: list[StepMark]
@@ -428,6 +429,7 @@ def _order_row(order: orders.Order) -> OrderRow:
         items=", ".join(f"{i.get('quantity')} x {i.get('sku')}" for i in order.items),
         total=f"{order.total_cents // 100:,}.{order.total_cents % 100:02d}",
         status=order.status,
+        transaction_id=str(order.transaction_id),
         transaction_status=None if tx is None else tx.status.value,
         transaction_error=None if tx is None else tx.error,
         steps=steps,

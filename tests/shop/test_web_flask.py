@@ -278,6 +278,10 @@ def test_the_page_lists_the_newest_orders_first_and_escapes_what_users_wrote(
     assert "notification ✓" in html
     assert "<b>x</b>" not in html
     assert "&lt;b&gt;x&lt;/b&gt;" in html
+    # Each order links to its transaction's timeline.
+    for order_id in (confirmed, hostile):
+        tx_id = client.get(f"/orders/{order_id}").get_json()["transaction"]["id"]
+        assert f'href="/transactions/{tx_id}"' in html
 
 
 def test_the_page_says_when_there_are_no_orders(client: FlaskClient):
