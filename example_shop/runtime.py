@@ -75,8 +75,9 @@ def start_worker(
     )
 
 
-def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Warm shutdown (SIGTERM: finish the current tasks), then kill if it hangs."""
+def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> bool:
+    """Warm shutdown (SIGTERM: finish the current tasks), then kill if it hangs;
+    whether it stopped by itself."""
     if worker.poll() is None:
         worker.terminate()
         try:
@@ -84,3 +85,5 @@ def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+            return False
+    return True

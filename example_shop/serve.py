@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     folder = settings.data_dir()
     with SmtpSink(port=args.smtp_port) as sink, (folder / "shop-worker.log").open("a") as log:
         os.environ["SHOP_SMTP_PORT"] = str(sink.port)  # the worker sends there
-        worker = start_worker(concurrency=args.worker_concurrency, log=log, loglevel="INFO")
+        # In sessions of their own: Ctrl-C at the terminal reaches this process
+        # only, which stops them in order (a worker that also got the SIGINT
+        # would be shut down twice at once, and hang).
+        worker = start_worker(
+            concurrency=args.worker_concurrency, log=log, loglevel="INFO", new_session=True
+        )
         web = _start_web(args.port, log)
         try:
             _welcome(out, args.port, sink.port, folder / "shop-worker.log")
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             print("stopping the web app, the worker and the mail sink...", file=out, flush=True)
             _stop(web)
-            stop_worker(worker)
+            if not stop_worker(worker):
+                print("the worker did not stop by itself: killed", file=out)
     print("stopped.", file=out)
     return 0
 
@@ -68,6 +74,7 @@ def _start_web(port: int, log: Any) -> subprocess.Popen[bytes]:
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 

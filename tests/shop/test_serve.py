@@ -74,6 +74,7 @@ def test_one_command_runs_the_shop_and_ctrl_c_stops_it_all(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a terminal's process group, which Ctrl-C signals whole
     )
     assert serve.stdout is not None
     lines: list[str] = []
@@ -114,7 +115,7 @@ def test_one_command_runs_the_shop_and_ctrl_c_stops_it_all(tmp_path: Path) -> No
         children = _descendants(serve.pid)
         assert len(children) >= 3  # the web app, the worker and its pool
     finally:
-        serve.send_signal(signal.SIGINT)  # Ctrl-C
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: the terminal signals its process group
         try:
             rest = serve.communicate(timeout=WAIT)[0]
         except subprocess.TimeoutExpired:
@@ -122,6 +123,7 @@ def test_one_command_runs_the_shop_and_ctrl_c_stops_it_all(tmp_path: Path) -> No
             rest = serve.communicate()[0]
     assert serve.returncode == 0, "".join(lines) + rest
     assert "stopped." in rest
+    assert "did not stop by itself" not in rest  # a warm shutdown, not a kill
     time.sleep(0.5)
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
     assert alive == [], f"still running after Ctrl-C: {alive}"
