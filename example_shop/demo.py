@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"broker:  {_redacted(app.conf.broker_url)}", file=out)
     print(f"journal: {_redacted(app.conf.celery_tx_database_url)}", file=out)
     print(f"orders:  {_redacted(settings.service_location('orders').url)}", file=out)
+    if os.environ.get("SHOP_DATABASE_URL") and not args.no_worker:
+        print(
+            "note: SHOP_DATABASE_URL is shared: another demo or a shop using it at the same "
+            "time would reset this one's accounts and stock",
+            file=out,
+        )
     reset_shop(scenario.balances, scenario.stock)
     log_path = settings.data_dir() / "demo-worker.log"
     with SmtpSink(port=args.smtp_port) as sink, log_path.open("w") as log:
@@ -110,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m example_shop demo", description=__doc__)
+    # No abbreviations: __main__ decides on "--no-worker" before this parser runs.
+    parser = argparse.ArgumentParser(
+        prog="python -m example_shop demo", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--orders", type=_positive, default=300, help="orders to place (300)")
     parser.add_argument(
         "--concurrency", type=_positive, default=8, help="orders placed at once (8)"
@@ -261,11 +270,8 @@ def _summary(
 
 def _warn_of_foreign_consumers(ours: str, out: TextIO) -> None:
     """Say so if a worker other than this demo's consumes its queues (its orders would
-    run there, with that worker's mail server and databases). Brokers that answer
-    Celery's remote control only (Redis, RabbitMQ); the embedded broker's folder
-    is this run's own (``example_shop.isolation``)."""
-    if app.conf.broker_url.startswith("filesystem"):
-        return
+    run there, with that worker's mail server and databases); asked through Celery's
+    remote control, which every broker here answers."""
     try:
         consumers = app.control.inspect(timeout=2).active_queues() or {}
     except Exception:  # no remote control on this broker: nothing to check with
@@ -293,12 +299,15 @@ def _delete_the_runs_queues() -> None:
         return
     try:
         with app.connection_for_write() as connection:
-            for queue in ALL_QUEUES.split(","):
+            for name in ALL_QUEUES.split(","):
                 channel = connection.channel()
                 try:
-                    channel.queue_delete(queue)
-                except Exception:  # never declared (no order went there): nothing to delete
-                    pass
+                    # Declared first: kombu's Redis channel deletes only the bindings
+                    # it knows of; Celery made an exchange of the same name too.
+                    queue = app.amqp.queues[name](channel)
+                    queue.declare()
+                    queue.delete()
+                    queue.exchange.delete()
                 finally:
                     with contextlib.suppress(Exception):
                         channel.close()

@@ -33,14 +33,31 @@ def isolate_run(environ: MutableMapping[str, str] = os.environ) -> str:
         runs = RUNS.resolve()
         _prune(runs)
         environ["CELERY_TX_DATA_DIR"] = str(runs / run)
-    environ.setdefault("SHOP_QUEUE_PREFIX", f"demo-{run}.")
+    # Always this run's own, after any prefix the environment gives: a shop worker
+    # started with the same environment must not serve them.
+    environ["SHOP_QUEUE_PREFIX"] = f"{environ.get('SHOP_QUEUE_PREFIX', '')}demo-{run}."
     return run
 
 
 def _prune(runs: Path) -> None:
-    """Delete all but the ``KEEP - 1`` newest earlier runs' folders."""
+    """Delete all but the ``KEEP - 1`` newest earlier runs' folders, never one whose
+    demo is still running (its name ends with its process id)."""
     if not runs.is_dir():
         return
     earlier = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.name)
     for folder in earlier[: max(len(earlier) - (KEEP - 1), 0)]:
-        shutil.rmtree(folder, ignore_errors=True)  # another demo may be using it: best effort
+        if not _running(folder.name.rpartition("-")[2]):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: str) -> bool:
+    """Whether the process ``pid`` (text) is alive on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

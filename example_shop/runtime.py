@@ -7,6 +7,7 @@ Shared by the demo and the tests, so both run the shop the same way a user does
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -83,7 +84,19 @@ def stop_worker(worker: subprocess.Popen[bytes], timeout: float = 30) -> bool:
         try:
             worker.wait(timeout)
         except subprocess.TimeoutExpired:
-            worker.kill()
+            _kill_group_or_process(worker)
             worker.wait()
             return False
     return True
+
+
+def _kill_group_or_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and, if it leads a process group of its own (started with
+    ``new_session``), its pool processes with it."""
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+    except ProcessLookupError:
+        return
+    process.kill()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any, TextIO
 
 from example_shop import settings
@@ -30,36 +32,81 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = sys.stdout
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # Closing the terminal (SIGHUP) too: the parts run in sessions of their own.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     from example_shop.web import DEMO_BALANCES, DEMO_STOCK  # noqa: PLC0415  (Flask: the shop extra)
 
-    if args.reset:
-        reset_shop(DEMO_BALANCES, DEMO_STOCK)
+    if not _free(args.port):
+        print(f"port {args.port} is taken (another shop?): try --port", file=sys.stderr)
+        return 1
     folder = settings.data_dir()
-    with SmtpSink(port=args.smtp_port) as sink, (folder / "shop-worker.log").open("a") as log:
+    log_path = folder / "shop-worker.log"
+    try:
+        sink = SmtpSink(port=args.smtp_port)
+        sink.__enter__()
+    except OSError as exc:
+        print(f"cannot start the mail sink on port {args.smtp_port}: {exc}", file=sys.stderr)
+        return 1
+    failed = False
+    try:
+        if args.reset:  # only once nothing else can fail to start on a taken port
+            reset_shop(DEMO_BALANCES, DEMO_STOCK)
         os.environ["SHOP_SMTP_PORT"] = str(sink.port)  # the worker sends there
+        failed = _run(args, stop, log_path, sink.port, out)
+    finally:
+        sink.__exit__(None, None, None)
+    print("stopped.", file=out)
+    return 1 if failed else 0
+
+
+def _run(args: Any, stop: threading.Event, log_path: Path, smtp_port: int, out: TextIO) -> bool:
+    """Run the worker and the web app until ``stop``; whether one of them failed."""
+    failed = False
+    with log_path.open("a") as log:
         # In sessions of their own: Ctrl-C at the terminal reaches this process
         # only, which stops them in order (a worker that also got the SIGINT
-        # would be shut down twice at once, and hang).
+        # would be shut down twice at once).
         worker = start_worker(
             concurrency=args.worker_concurrency, log=log, loglevel="INFO", new_session=True
         )
-        web = _start_web(args.port, log)
+        web: subprocess.Popen[bytes] | None = None
         try:
-            _welcome(out, args.port, sink.port, folder / "shop-worker.log")
-            while not stop.wait(0.5):
-                for name, process in (("worker", worker), ("web app", web)):
+            web = _start_web(args.port, log)
+            parts = (("worker", worker), ("web app", web))
+            if _answering(args.port, parts, stop):
+                _welcome(out, args.port, smtp_port, log_path)
+            while not stop.is_set():
+                for name, process in parts:
                     if process.poll() is not None:
-                        print(f"the {name} exited ({process.returncode}); stopping", file=out)
+                        print(f"the {name} exited ({process.returncode}); see {log_path}", file=out)
+                        failed = True
                         stop.set()
+                stop.wait(0.5)
         finally:
             print("stopping the web app, the worker and the mail sink...", file=out, flush=True)
-            _stop(web)
+            if web is not None:
+                _stop(web)
             if not stop_worker(worker):
                 print("the worker did not stop by itself: killed", file=out)
-    print("stopped.", file=out)
-    return 0
+    return failed
+
+
+def _free(port: int) -> bool:
+    """Whether nothing listens on ``port`` of loopback."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _answering(port: int, parts: Any, stop: threading.Event) -> bool:
+    """Wait until the web app answers (False if a part exits or we are stopped first)."""
+    while not stop.is_set():
+        if any(process.poll() is not None for _, process in parts):
+            return False
+        if not _free(port):
+            return True
+        stop.wait(0.1)
+    return False
 
 
 def _start_web(port: int, log: Any) -> subprocess.Popen[bytes]:

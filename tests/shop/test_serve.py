@@ -127,3 +127,27 @@ def test_one_command_runs_the_shop_and_ctrl_c_stops_it_all(tmp_path: Path) -> No
     time.sleep(0.5)
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
     assert alive == [], f"still running after Ctrl-C: {alive}"
+
+
+def test_a_taken_port_is_refused_before_anything_starts_or_is_reset(tmp_path: Path) -> None:
+    """A second `serve` on the first one's port: exit 1 saying so, and the running
+    shop's data untouched (nothing reset, no worker started)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "SHOP_"))}
+        env.update(CELERY_TX_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(PROJECT_ROOT))
+        result = subprocess.run(
+            [sys.executable, "-m", "example_shop", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"port {port} is taken" in result.stderr
+    assert not (tmp_path / "data" / "shop").exists()  # no shop database was reset
+    assert not (tmp_path / "data" / "shop-worker.log").exists()  # no worker was started
