@@ -40,7 +40,7 @@ from celery_tx.handles import CommitHandle
 from celery_tx.ids import parse_tx_id
 from celery_tx.logs import tx_extra
 from celery_tx.operations import Operations
-from celery_tx.pending import GONE, PendingTransactions, for_journal
+from celery_tx.pending import GONE, PendingTransactions, of_this_process
 from celery_tx.store import Journal, owners, queries
 from celery_tx.sweeps import DEFAULT_STALLED_AFTER, Sweeper, SweepReport, start_sweeping
 
@@ -142,14 +142,16 @@ class TransactionCoordinator:
         self._sweeping: threading.Event | None = None
         self._expire_at = 0.0
         self._expiring: tuple[int, threading.Thread] | None = None
+        self._pending_here: tuple[int, PendingTransactions] | None = None
         metrics.install_default()
         hooks.install(app)  # the Celery driver's, with or without an app
 
     @property
     def _pending(self) -> PendingTransactions:
-        """This process's PENDING transactions of the journal, looked up each time:
-        a forked child holds none of its parent's (``pending.for_journal``)."""
-        return for_journal(self._journal)
+        """This process's PENDING transactions of the journal: a forked child holds
+        none of its parent's (``pending.of_this_process``)."""
+        self._pending_here = of_this_process(self._journal, self._pending_here)
+        return self._pending_here[1]
 
     @property
     def database_url(self) -> URL:

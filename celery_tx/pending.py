@@ -17,6 +17,7 @@ journal's compare-and-set decided before.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 import weakref
@@ -194,6 +195,18 @@ class _Shared:
 
 
 _shared = _Shared()
+
+
+def of_this_process(
+    journal: Journal, cached: tuple[int, PendingTransactions] | None
+) -> tuple[int, PendingTransactions]:
+    """``cached`` (a pid and what ``for_journal`` gave in it) while this is still
+    that process; else ``for_journal`` again: a forked child holds none of its
+    parent's. Saves the lookup (a lock and the URL rendered) on every call."""
+    pid = os.getpid()
+    if cached is not None and cached[0] == pid:
+        return cached
+    return pid, for_journal(journal)
 
 
 def for_journal(journal: Journal) -> PendingTransactions:

@@ -44,7 +44,7 @@ from celery_tx.core.outcome import Outcome, StepOutcome
 from celery_tx.core.status import StepStatus, TxStatus
 from celery_tx.driver import Driver, Drivers, Event, owned_by, start_rollback
 from celery_tx.logs import tx_extra
-from celery_tx.pending import PendingTransactions, for_journal
+from celery_tx.pending import PendingTransactions, of_this_process
 from celery_tx.store import Journal, candidates, owners
 
 logger = logging.getLogger("celery_tx.recovery")  # the name logging configs know
@@ -99,12 +99,14 @@ class Sweeper:
         self.drivers = drivers
         self.step_limit = step_limit
         self._prune_at = 0.0
+        self._pending_here: tuple[int, PendingTransactions] | None = None
 
     @property
     def pending(self) -> PendingTransactions:
         """This process's PENDING transactions of the journal: only it can reap them
-        (looked up each time: a forked child holds none of its parent's)."""
-        return for_journal(self.journal)
+        (a forked child holds none of its parent's: ``pending.of_this_process``)."""
+        self._pending_here = of_this_process(self.journal, self._pending_here)
+        return self._pending_here[1]
 
     def sweep(self, stalled_after: float, *, overtime: bool = False) -> SweepReport:
         """Reap, then (``overtime``) roll back steps past their time limit, then recover."""
